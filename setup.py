@@ -1,0 +1,30 @@
+"""Packaging for muon-megatron.
+
+torch is deliberately *not* pinned to a CUDA build: install the torch you want first
+(``pip install torch==2.13.0`` on a CPU machine), then this package.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="muon-megatron",
+    version="0.1.0",
+    description="Muon optimizer (Moonlight recipe) as a ZeRO-1 DistributedOptimizer for megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["muon_megatron", "muon_megatron.*"]),
+    install_requires=[
+        "torch>=2.9",
+        "megatron-core>=0.16.1",
+        "psutil",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        "plot": ["matplotlib"],
+        # Used when present on GPU clusters; never required on CPU.
+        "gpu": ["transformer-engine[pytorch]", "apex"],
+    },
+    entry_points={"console_scripts": ["muon-megatron=muon_megatron.cli:main"]},
+)
