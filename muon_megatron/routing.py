@@ -218,8 +218,11 @@ def matrix_split(
             )
             # weight1 is [hidden, experts*width] but used as view(experts, hidden, width).
             return split((experts, hidden_size, width), True, groups, 0)
+        # weight2 is [experts*ffn, hidden] used as view(experts, ffn, hidden), i.e. [in, out]
+        # per expert: take it transposed so pieces are [out, in] like every Linear weight
+        # (matters for the 'spectral' scale); TP splits ffn, now the columns.
         experts = rows // ffn_local
-        return split((experts, ffn_local, hidden_size), False, (_ranges((0, ffn_local)),), 0)
+        return split((experts, ffn_local, hidden_size), True, (_ranges((0, hidden_size)),), 1)
     tp_dim = 0 if tp_partition_dim is None else int(tp_partition_dim)
     return split((rows, cols), False, whole_rows, tp_dim)
 
