@@ -165,6 +165,11 @@ class Muon(torch.optim.Optimizer):
         rows, cols = param.shape
         return MatrixSplit((rows, cols), False, (((0, rows),),), "replicated", 0, 1)
 
+    @property
+    def logical_matrix_count(self) -> int:
+        """Logical matrices (after splits) orthogonalized per step."""
+        return sum(len(split.logical_shapes()) for split in self._splits.values())
+
     def orthogonalized_update(self, name: str, x_2d: Tensor) -> Tensor:
         """The scaled fp32 update of Muon parameter `name` for NS input `x_2d` (p's shape)."""
         cfg = self.muon_config

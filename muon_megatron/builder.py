@@ -1,0 +1,105 @@
+"""`get_muon_optimizer`: what users call instead of `get_megatron_optimizer`.
+
+It returns Megatron's usual objects (a `ChainedOptimizer` of one optimizer for dense and
+one for expert parameters), whose members are `MuonDistributedOptimizer`s. We reuse
+megatron-core's own construction (param groups, wd/lr overrides, process groups, grad
+scaler) by letting `get_megatron_optimizer` build an AdamW ZeRO-1 optimizer while its
+`DistributedOptimizer` name points at our subclass; nothing else of Megatron changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+
+import torch
+
+from muon_megatron.config import MuonConfig
+from muon_megatron.distributed import MuonDistributedOptimizer
+from muon_megatron.routing import is_muon_param
+
+__all__ = ["get_muon_optimizer", "muon_optimizers", "check_supported"]
+
+
+def check_supported(config) -> None:
+    """Raise ValueError for OptimizerConfig settings Muon-megatron does not support."""
+    if config.optimizer not in ("muon", "adam"):
+        raise ValueError(
+            f"optimizer={config.optimizer!r}: get_muon_optimizer builds Muon (with AdamW for "
+            "non-matrix params); pass optimizer='muon'."
+        )
+    if not config.use_distributed_optimizer:
+        raise ValueError(
+            "use_distributed_optimizer=False: muon-megatron is a ZeRO-1 DistributedOptimizer; "
+            "add --use-distributed-optimizer."
+        )
+    if config.fp16:
+        raise ValueError(
+            "fp16=True: Muon with fp16 dynamic loss scaling is not supported (untested); "
+            "train with --bf16 instead."
+        )
+    if config.optimizer_cpu_offload:
+        raise ValueError("optimizer_cpu_offload=True is not supported with Muon; turn it off.")
+    if config.use_precision_aware_optimizer:
+        raise ValueError(
+            "use_precision_aware_optimizer=True keeps main params inside TE's FusedAdam, where "
+            "Muon cannot update them; turn it off."
+        )
+
+
+@contextlib.contextmanager
+def _muon_as_distributed_optimizer(factory: Callable) -> Iterator[None]:
+    import megatron.core.optimizer as mcore_optimizer
+
+    original = mcore_optimizer.DistributedOptimizer
+    mcore_optimizer.DistributedOptimizer = factory
+    try:
+        yield
+    finally:
+        mcore_optimizer.DistributedOptimizer = original
+
+
+def get_muon_optimizer(
+    config,
+    model_chunks: list[torch.nn.Module],
+    muon_config: MuonConfig | None = None,
+    config_overrides=None,
+    use_gloo_process_groups: bool = True,
+    pg_collection=None,
+    *,
+    is_muon: Callable[[str, torch.Tensor], bool] = is_muon_param,
+):
+    """Megatron optimizer with Muon for 2-D hidden weights (same arguments as
+    `megatron.core.optimizer.get_megatron_optimizer`, plus `muon_config` and `is_muon`).
+
+    lr, weight decay and their schedule come from `config` and Megatron's scheduler for
+    both Muon and AdamW (Moonlight's recipe: keep AdamW's values)."""
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    check_supported(config)
+    if getattr(model_chunks[0].ddp_config, "use_megatron_fsdp", False):
+        raise ValueError("Megatron-FSDP is not supported with Muon; use the ZeRO-1 DDP.")
+    if getattr(model_chunks[0].ddp_config, "num_distributed_optimizer_instances", 1) > 1:
+        raise ValueError(
+            "num_distributed_optimizer_instances > 1 is not supported with Muon; use 1."
+        )
+    adam_config = dataclasses.replace(config, optimizer="adam")
+    factory = functools.partial(
+        MuonDistributedOptimizer, muon_config=muon_config or MuonConfig(), is_muon=is_muon
+    )
+    with _muon_as_distributed_optimizer(factory):
+        return get_megatron_optimizer(
+            adam_config,
+            model_chunks,
+            config_overrides=config_overrides,
+            use_gloo_process_groups=use_gloo_process_groups,
+            pg_collection=pg_collection,
+        )
+
+
+def muon_optimizers(optimizer) -> list[MuonDistributedOptimizer]:
+    """The MuonDistributedOptimizers inside a (possibly chained) Megatron optimizer."""
+    members = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o for o in members if isinstance(o, MuonDistributedOptimizer)]

@@ -1,0 +1,99 @@
+"""The `muon-megatron` command: `verify` (parity self-test) and `demo` (the main job)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from muon_megatron.config import MuonConfig
+
+__all__ = ["main", "add_muon_config_args"]
+
+
+def add_muon_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add one `--muon-*` flag per `MuonConfig` field (defaults from the dataclass)."""
+    import typing
+
+    hints = typing.get_type_hints(MuonConfig)
+    group = parser.add_argument_group("muon")
+    for f in dataclasses.fields(MuonConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        if hint is bool:
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"]
+            )
+        elif typing.get_origin(hint) is typing.Literal:
+            group.add_argument(
+                flag, choices=typing.get_args(hint), default=f.default, help=f.metadata["help"]
+            )
+        else:
+            group.add_argument(flag, type=hint, default=f.default, help=f.metadata["help"])
+    return parser
+
+
+def _verify(argv: Sequence[str]) -> int:
+    from muon_megatron.verify import VerifySpec, run_verify
+
+    parser = argparse.ArgumentParser(
+        prog="muon-megatron verify",
+        description="Parity of the ZeRO-1 Muon optimizer with the single-device reference.",
+    )
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--dp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--experts", type=int, default=None, help="MoE with this many experts")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--dispatcher", choices=("allgather", "alltoall"), default="allgather")
+    parser.add_argument("--grouped-gemm", action="store_true", help="GroupedMLP experts")
+    parser.add_argument("--sequence-parallel", action="store_true")
+    add_muon_config_args(parser)
+    # The check is tight in fp32; `--muon-ns-dtype bf16` checks the bf16 path.
+    parser.set_defaults(muon_ns_dtype="fp32")
+    args = parser.parse_args(argv)
+    if args.ep > 1 and not args.experts:
+        parser.error(f"--ep {args.ep} needs --experts N (a MoE model).")
+    spec = VerifySpec(
+        tp=args.tp,
+        dp=args.dp,
+        pp=args.pp,
+        ep=args.ep,
+        experts=args.experts,
+        steps=args.steps,
+        dispatcher=args.dispatcher,
+        grouped_gemm=args.grouped_gemm,
+        sequence_parallel=args.sequence_parallel,
+    )
+    result = run_verify(spec, MuonConfig.from_namespace(args))
+    for name, diff in sorted(result["diffs"].items()):
+        print(f"  {name:70s} rel_diff={diff:.3e}")
+    print(f"losses dist={[round(x, 4) for x in result['dist_losses']]}")
+    print(f"losses ref ={[round(x, 4) for x in result['ref_losses']]}")
+    ok = result["max_rel_diff"] <= result["tolerance"]
+    print(
+        f"verify: max_rel_diff={result['max_rel_diff']:.3e} tolerance={result['tolerance']:.0e} "
+        f"layout={result['layout']}"
+    )
+    return 0 if ok else 1
+
+
+def _demo(argv: Sequence[str]) -> int:
+    from muon_megatron import demo
+
+    return demo.main(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"verify": _verify, "demo": _demo}
+    if not argv or argv[0] not in commands:
+        print(f"usage: muon-megatron {{{','.join(commands)}}} [options]", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The DP x TP grid a Muon matrix is spread over, and the one collective we use on it.
+
+A dense weight is sharded over the tensor-parallel group (by Megatron's layers) and over
+the data-parallel group (by the ZeRO-1 grad buffer); an expert weight over the expert-TP
+and expert-DP groups. The *grid* is the set of ranks holding a piece of the same weights:
+the union of the TP groups of the members of one DP group. megatron-core has this group
+for dense weights (tensor-and-data-parallel) but not for experts, so we build grids
+ourselves from any (tp_group, dp_group) pair. Building groups is collective over the
+whole world; grids are cached so building optimizers again creates no new groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Grid", "build_grid", "all_to_all"]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A DP x TP grid: `group` (None when it is this rank alone) and, for each member in
+    group-rank order, its (tp_rank, dp_rank)."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    coords: tuple[tuple[int, int], ...]
+    tp_size: int
+    dp_size: int
+
+    @property
+    def size(self) -> int:
+        return len(self.coords)
+
+    def member(self, tp_rank: int, dp_rank: int) -> int:
+        return self.coords.index((tp_rank, dp_rank))
+
+
+_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+
+
+def build_grid(tp_group: dist.ProcessGroup, dp_group: dist.ProcessGroup) -> Grid:
+    """The grid of this rank. Collective over the default (world) group."""
+    tp_size, dp_size = tp_group.size(), dp_group.size()
+    me = dist.get_rank()
+    info = (
+        tuple(dist.get_process_group_ranks(tp_group)),
+        tuple(dist.get_process_group_ranks(dp_group)),
+        tp_group.rank(),
+        dp_group.rank(),
+    )
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, info)
+
+    def grid_of(rank: int) -> tuple[int, ...]:
+        _, dp_ranks, _, _ = everyone[rank]
+        return tuple(sorted({r for d in dp_ranks for r in everyone[d][0]}))
+
+    grids = sorted({grid_of(r) for r in range(len(everyone))})
+    mine = grid_of(me)
+    if len(mine) != tp_size * dp_size:
+        raise ValueError(
+            f"rank {me}: the TP group {info[0]} and DP group {info[1]} do not form a "
+            f"{tp_size}x{dp_size} grid (got {len(mine)} ranks); Muon needs every DP peer to "
+            "share the same TP layout."
+        )
+    # new_group is collective over the world: every rank creates every grid, same order.
+    for ranks in grids:
+        if len(ranks) > 1 and ranks not in _GROUPS:
+            _GROUPS[ranks] = dist.new_group(list(ranks))
+    coords = tuple((everyone[r][2], everyone[r][3]) for r in mine)
+    group = _GROUPS.get(mine)
+    if group is not None and dist.get_group_rank(group, me) != mine.index(me):
+        raise RuntimeError("grid group ranks are not in ascending global-rank order")
+    return Grid(group, mine.index(me), coords, tp_size, dp_size)
+
+
+def all_to_all(
+    chunks_out: list[torch.Tensor], sizes_in: list[int], grid: Grid, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Send `chunks_out[m]` (1-D) to grid member m; receive `sizes_in[m]` elements from
+    each member m. One `all_to_all_single` for everything, in `dtype` on the wire."""
+    if grid.group is None:
+        return [chunks_out[0].to(dtype)]
+    device = chunks_out[0].device
+    send = torch.cat([c.to(dtype) for c in chunks_out]) if chunks_out else None
+    send = send if send is not None else torch.empty(0, dtype=dtype, device=device)
+    recv = torch.empty(sum(sizes_in), dtype=dtype, device=device)
+    dist.all_to_all_single(
+        recv,
+        send,
+        output_split_sizes=list(sizes_in),
+        input_split_sizes=[c.numel() for c in chunks_out],
+        group=grid.group,
+    )
+    return list(recv.split(list(sizes_in)))

@@ -1,0 +1,246 @@
+"""`muon-megatron verify`: the distributed optimizer against the single-device reference.
+
+Phase A (the layout under test, N processes): build the tiny model, save its initial
+weights, train K steps with `get_muon_optimizer` on deterministic global batches (each
+DP rank its own slice), save the final weights. Phase B (one process, TP=PP=EP=1): load
+the initial weights, train the same K global batches with `muon_megatron.reference.Muon`
+(same clipping, same lr/wd per group), load phase A's final weights, and compare.
+
+The figure of merit is per-tensor: ||dW_dist - dW_ref|| / ||dW_ref|| with dW = W_K - W_0,
+the total update. Comparing the update (not the weights, which init dominates) keeps the
+check strict: a wrong scale, a missing split or a skipped shard moves it by O(1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from muon_megatron.config import MuonConfig
+
+__all__ = ["VerifySpec", "FP32_TOLERANCE", "BF16_TOLERANCE", "run_verify", "tolerance_for"]
+
+# fp32 Newton-Schulz and fp32 communication: with the same micro-batching a world-1 run is
+# bitwise equal to the reference. Other layouts differ only in fp32 reduction order (DP
+# reduce-scatter vs sequential accumulation, TP partial sums), ~1e-7 in the gradient, which
+# Newton-Schulz amplifies along small singular directions (slope a=3.4445 per step at 0) and
+# training compounds: measured 6e-6..7.5e-6 after 5 steps at DP2/DP4/TP2/TP2xDP2. Any real
+# bug (a wrong scale, split or shard) moves the total update by >1e-2.
+FP32_TOLERANCE = 1e-5
+# bf16 Newton-Schulz (or bf16 communication): a world-1 run is still bitwise equal to the
+# reference, so the bf16 code path is the same arithmetic. Across ranks, fp32 gradients that
+# differ by ~1e-7 (reduction order) round to different bf16 values, and NS decorrelates the
+# rounding: measured 1.3e-2 after one step at TP2xDP2 (reordering one bf16 NS alone gives
+# 1.9e-2), compounding through training to 5e-2..7e-2 after 3-5 steps. 0.1 bounds five
+# steps; real bugs (wrong split, scale, shard) move the update by 0.4..1.0.
+BF16_TOLERANCE = 1e-1
+
+
+def tolerance_for(muon_config: MuonConfig) -> float:
+    bf16 = muon_config.muon_ns_dtype == "bf16" or muon_config.muon_comm_dtype == "bf16"
+    return BF16_TOLERANCE if bf16 else FP32_TOLERANCE
+
+
+@dataclass
+class VerifySpec:
+    tp: int = 1
+    dp: int = 1
+    pp: int = 1
+    ep: int = 1
+    experts: int | None = None
+    steps: int = 5
+    dispatcher: str = "allgather"
+    grouped_gemm: bool = False
+    sequence_parallel: bool = False
+    global_batch_size: int = 8
+    micro_batch_size: int = 2
+    lr: float = 2e-2
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    seed: int = 1234
+    bf16_params: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.dp * self.pp
+
+    def layout_name(self) -> str:
+        parts = [f"TP{self.tp}", f"DP{self.dp}", f"PP{self.pp}", f"EP{self.ep}"]
+        if self.experts:
+            parts.append(f"experts{self.experts}-{self.dispatcher}")
+        return "x".join(parts)
+
+
+def _model_spec(spec: VerifySpec):
+    from muon_megatron.tiny_gpt import ModelSpec
+
+    return ModelSpec(
+        num_layers=2 * spec.pp,
+        num_experts=spec.experts,
+        moe_token_dispatcher_type=spec.dispatcher,
+        moe_grouped_gemm=spec.grouped_gemm,
+        bf16=spec.bf16_params,
+    )
+
+
+def _layout(spec: VerifySpec, distributed: bool):
+    from muon_megatron.tiny_gpt import Layout
+
+    if not distributed:
+        return Layout()
+    seq_par = spec.sequence_parallel or (spec.tp > 1 and bool(spec.experts))
+    return Layout(tp=spec.tp, pp=spec.pp, ep=spec.ep, sequence_parallel=seq_par)
+
+
+def _scheduler(optimizer, spec: VerifySpec):
+    """Megatron's own scheduler, constant lr/wd: it applies wd_mult (no decay on biases
+    and 1-D params) exactly as a training run does."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=spec.lr,
+        max_lr=spec.lr,
+        min_lr=spec.lr,
+        lr_warmup_steps=0,
+        lr_decay_steps=spec.steps,
+        lr_decay_style="constant",
+        start_wd=spec.weight_decay,
+        end_wd=spec.weight_decay,
+        wd_incr_steps=spec.steps,
+        wd_incr_style="constant",
+    )
+
+
+def _distributed_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig, root: str):
+    from muon_megatron import tiny_gpt
+    from muon_megatron.builder import get_muon_optimizer, muon_optimizers
+
+    layout = _layout(spec, distributed=True)
+    model_spec = _model_spec(spec)
+    tiny_gpt.initialize_parallel(layout, spec.seed)
+    model = tiny_gpt.build_model(model_spec, layout)
+    tiny_gpt.save_model(model, os.path.join(root, "init"))
+    opt_config = tiny_gpt.optimizer_config(
+        lr=spec.lr, weight_decay=spec.weight_decay, bf16=spec.bf16_params, clip_grad=spec.clip_grad
+    )
+    optimizer = get_muon_optimizer(opt_config, model, cfg)
+    scheduler = _scheduler(optimizer, spec)
+    losses = []
+    for step in range(spec.steps):
+        batch = tiny_gpt.global_batch(step, model_spec, spec.global_batch_size, spec.seed)
+        losses.append(
+            tiny_gpt.train_step(model, optimizer, batch, model_spec, layout, spec.micro_batch_size)
+        )
+        scheduler.step(1)
+    tiny_gpt.save_model(model, os.path.join(root, "final"))
+    muons = muon_optimizers(optimizer)
+    return {
+        "losses": losses,
+        "ns_calls": sum(o.ns_calls for o in muons),
+        # Each grid member sees the whole grid's matrices: divide to count each once.
+        "unique_matrices": sum(o.logical_matrix_count / o.grid.size for o in muons),
+        "owner_loads": [o.owner_loads() for o in muons],
+        "update_rms": {k: v for o in muons for k, v in o.muon_param_update_rms.items()},
+    }
+
+
+class _ReferenceStepper:
+    """Drives `reference.Muon` from a world-1 Megatron DDP model: Megatron's grads live in
+    `param.main_grad`. Clipping uses megatron-core's own norm and clip functions: torch's
+    `clip_grad_norm_` rounds the global norm differently, which Newton-Schulz amplifies."""
+
+    def __init__(self, model_chunks, reference, clip_grad: float) -> None:
+        self.params = [p for chunk in model_chunks for p in chunk.parameters() if p.requires_grad]
+        self.reference = reference
+        self.clip_grad = clip_grad
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        for p in self.params:
+            p.grad = p.main_grad.float().clone()
+        if self.clip_grad > 0:
+            from megatron.core.optimizer.clip_grads import (
+                clip_grad_by_total_norm_fp32,
+                get_grad_norm_fp32,
+            )
+
+            norm = get_grad_norm_fp32([p.grad for p in self.params])
+            clip_grad_by_total_norm_fp32(self.params, self.clip_grad, norm)
+        self.reference.step()
+        return True, None, None
+
+
+def _reference_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig, root: str):
+    from muon_megatron import tiny_gpt
+    from muon_megatron.reference import ModelShape, Muon
+
+    layout = _layout(spec, distributed=False)
+    model_spec = _model_spec(spec)
+    tiny_gpt.initialize_parallel(layout, spec.seed)
+    model = tiny_gpt.build_model(model_spec, layout)
+    tiny_gpt.load_model(model, os.path.join(root, "init"))
+    init = {n: p.detach().float().clone() for n, p in model[0].named_parameters()}
+    named = [(n, p) for n, p in model[0].named_parameters() if p.requires_grad]
+    from megatron.core.utils import get_model_config
+
+    reference = Muon(
+        named,
+        lr=spec.lr,
+        weight_decay=spec.weight_decay,
+        muon_config=cfg,
+        model_shape=ModelShape.from_transformer_config(get_model_config(model[0])),
+    )
+    stepper = _ReferenceStepper(model, reference, spec.clip_grad)
+    losses = []
+    for step in range(spec.steps):
+        batch = tiny_gpt.global_batch(step, model_spec, spec.global_batch_size, spec.seed)
+        losses.append(
+            tiny_gpt.train_step(model, stepper, batch, model_spec, layout, spec.micro_batch_size)
+        )
+    ref_final = {n: p.detach().float().clone() for n, p in model[0].named_parameters()}
+    tiny_gpt.load_model(model, os.path.join(root, "final"))
+    dist_final = {n: p.detach().float().clone() for n, p in model[0].named_parameters()}
+    diffs = {}
+    for name, w0 in init.items():
+        d_ref = ref_final[name] - w0
+        d_dist = dist_final[name] - w0
+        denom = d_ref.norm().item()
+        err = (d_dist - d_ref).norm().item()
+        diffs[name] = err / denom if denom > 0 else (0.0 if err == 0 else float("inf"))
+    return {"losses": losses, "diffs": diffs, "logical_matrices": reference.logical_matrix_count}
+
+
+def run_verify(spec: VerifySpec, cfg: MuonConfig) -> dict:
+    """Run both phases (spawning processes over gloo here) and return the comparison."""
+    from muon_megatron.testing.launch import spawn
+
+    with tempfile.TemporaryDirectory(prefix="muon-verify-") as root:
+        dist_out = spawn(_distributed_worker, spec.world_size, spec, cfg, root)
+        ref_out = spawn(_reference_worker, 1, spec, cfg, root)[0]
+    diffs = ref_out["diffs"]
+    worst = max(diffs, key=diffs.get)
+    return {
+        "layout": spec.layout_name(),
+        "max_rel_diff": diffs[worst],
+        "worst_param": worst,
+        "diffs": diffs,
+        "tolerance": tolerance_for(cfg),
+        "dist_losses": dist_out[0]["losses"],
+        "ref_losses": ref_out["losses"],
+        "ns_calls_total": sum(o["ns_calls"] for o in dist_out),
+        "dist_unique_matrices": round(sum(o["unique_matrices"] for o in dist_out)),
+        "ref_logical_matrices": ref_out["logical_matrices"],
+        "owner_loads": [o["owner_loads"] for o in dist_out],
+        "update_rms": {k: v for o in dist_out for k, v in o["update_rms"].items()},
+        "steps": spec.steps,
+        "config": dataclasses.asdict(cfg),
+    }

@@ -1,0 +1,120 @@
+"""ZeRO-1 Muon vs the single-device reference, over real multi-process layouts (gloo, CPU).
+
+Each layout runs `muon_megatron.verify.run_verify`: the distributed optimizer trains a
+tiny GPT from saved initial weights on deterministic global batches (every DP rank its own
+slice, DP gradients really reduced by Megatron's DDP), a world-1 process replays the same
+batches with `reference.Muon`, and every tensor's total update is compared.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from muon_megatron.config import MuonConfig
+from muon_megatron.testing.launch import spawn
+from muon_megatron.verify import BF16_TOLERANCE, FP32_TOLERANCE, VerifySpec, run_verify
+
+STEPS = 5
+LAYOUTS: dict[str, dict[str, int]] = {
+    "world1": {},
+    "dp2": {"dp": 2},
+    "dp4": {"dp": 4},
+    "tp2": {"tp": 2},
+    "tp2xdp2": {"tp": 2, "dp": 2},
+}
+# Issue target for the update RMS in 'moonlight' mode: 0.2 within 5%.
+RMS_TARGET, RMS_REL_TOL = 0.2, 0.05
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def fp32_run(request) -> dict:
+    spec = VerifySpec(steps=STEPS, **LAYOUTS[request.param])
+    return run_verify(spec, MuonConfig(muon_ns_dtype="fp32"))
+
+
+def test_fp32_parity_with_reference(fp32_run: dict) -> None:
+    assert fp32_run["max_rel_diff"] <= FP32_TOLERANCE, (
+        fp32_run["worst_param"],
+        fp32_run["max_rel_diff"],
+    )
+    assert len(fp32_run["dist_losses"]) == STEPS
+
+
+@pytest.mark.parametrize("ns_dtype", ["fp32", "bf16"])
+def test_world1_is_bitwise_equal_to_reference(ns_dtype: str) -> None:
+    """Same arithmetic, same bits: one process, same micro-batching, no clipping. (With
+    clipping, Megatron sums the squared grad norms in its shard order and the reference in
+    parameter order: a different rounding of the clip coefficient, covered by the
+    tolerance of the other tests.)"""
+    result = run_verify(VerifySpec(steps=STEPS, clip_grad=0.0), MuonConfig(muon_ns_dtype=ns_dtype))
+    assert result["max_rel_diff"] == 0.0, (result["worst_param"], result["max_rel_diff"])
+    assert result["dist_losses"] == result["ref_losses"]
+
+
+def test_newton_schulz_runs_once_per_logical_matrix(fp32_run: dict) -> None:
+    # The reference counts the model's logical matrices on one device, independently.
+    expected = fp32_run["ref_logical_matrices"]
+    assert fp32_run["dist_unique_matrices"] == expected
+    assert fp32_run["ns_calls_total"] == STEPS * expected
+
+
+def test_bf16_newton_schulz_parity() -> None:
+    result = run_verify(VerifySpec(tp=2, dp=2, steps=STEPS), MuonConfig(muon_ns_dtype="bf16"))
+    assert result["max_rel_diff"] <= BF16_TOLERANCE, (result["worst_param"], result["max_rel_diff"])
+
+
+def test_bf16_communication_parity() -> None:
+    cfg = MuonConfig(muon_ns_dtype="fp32", muon_comm_dtype="bf16")
+    result = run_verify(VerifySpec(dp=2, steps=STEPS), cfg)
+    assert result["max_rel_diff"] <= BF16_TOLERANCE, (result["worst_param"], result["max_rel_diff"])
+
+
+def test_update_rms_matches_adamw_in_moonlight_mode() -> None:
+    """0.2 * sqrt(max(A, B)) gives an orthogonal A x B update an RMS of exactly 0.2.
+
+    Polar Express drives every singular value to ~1 (band 0.86-1.13 at 5 steps), so each
+    matrix whose momentum is full rank lands within 5% of 0.2 (measured 0.196-0.201).
+    linear_proj is the exception: at init attention is near-uniform, its input (the
+    attention output) is nearly rank-deficient, and singular values near 0 stay near 0, so
+    its RMS is lower (measured 0.170 at step 2, 0.186 at step 10); it must still never
+    exceed the target. Keller Jordan's quintic lands at ~0.18 (see docs/design.md)."""
+    cfg = MuonConfig(muon_ns_dtype="fp32", muon_coefficients="polar_express")
+    result = run_verify(VerifySpec(dp=2, steps=2), cfg)
+    rms = result["update_rms"]
+    assert len(rms) == 8  # 2 layers x (qkv, proj, fc1, fc2), each reported by its owner
+    for name, value in rms.items():
+        assert value <= RMS_TARGET * (1 + RMS_REL_TOL), (name, value)
+        if not name.endswith("linear_proj.weight"):
+            assert abs(value - RMS_TARGET) <= RMS_REL_TOL * RMS_TARGET, (name, value)
+
+
+def _force_norm_into_muon(rank: int, world: int) -> str:
+    from muon_megatron import tiny_gpt
+    from muon_megatron.builder import get_muon_optimizer
+
+    layout = tiny_gpt.Layout()
+    tiny_gpt.initialize_parallel(layout, seed=0)
+    model = tiny_gpt.build_model(tiny_gpt.ModelSpec(), layout)
+    try:
+        get_muon_optimizer(tiny_gpt.optimizer_config(), model, is_muon=lambda name, p: True)
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def test_non_matrix_forced_into_muon_is_rejected() -> None:
+    message = spawn(_force_norm_into_muon, 1)[0]
+    assert "routed to Muon" in message and "needs 2-D" in message, message
+
+
+def test_unsupported_configs_are_rejected() -> None:
+    from megatron.core.optimizer import OptimizerConfig
+
+    from muon_megatron.builder import check_supported
+
+    with pytest.raises(ValueError, match="fp16=True.*--bf16"):
+        check_supported(OptimizerConfig(optimizer="muon", fp16=True, use_distributed_optimizer=True))
+    with pytest.raises(ValueError, match="use-distributed-optimizer"):
+        check_supported(OptimizerConfig(optimizer="muon", use_distributed_optimizer=False))
+    with pytest.raises(ValueError, match="optimizer='sgd'"):
+        check_supported(OptimizerConfig(optimizer="sgd", use_distributed_optimizer=True))
