@@ -3,35 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 
+from muon_megatron.arguments import add_muon_config_args
 from muon_megatron.config import MuonConfig
 
 __all__ = ["main", "add_muon_config_args"]
-
-
-def add_muon_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add one `--muon-*` flag per `MuonConfig` field (defaults from the dataclass)."""
-    import typing
-
-    hints = typing.get_type_hints(MuonConfig)
-    group = parser.add_argument_group("muon")
-    for f in dataclasses.fields(MuonConfig):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        if hint is bool:
-            group.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"]
-            )
-        elif typing.get_origin(hint) is typing.Literal:
-            group.add_argument(
-                flag, choices=typing.get_args(hint), default=f.default, help=f.metadata["help"]
-            )
-        else:
-            group.add_argument(flag, type=hint, default=f.default, help=f.metadata["help"])
-    return parser
 
 
 def _verify(argv: Sequence[str]) -> int:
@@ -45,11 +23,13 @@ def _verify(argv: Sequence[str]) -> int:
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--etp", type=int, default=None, help="expert TP size (default: TP)")
     parser.add_argument("--experts", type=int, default=None, help="MoE with this many experts")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dispatcher", choices=("allgather", "alltoall"), default="allgather")
     parser.add_argument("--grouped-gemm", action="store_true", help="GroupedMLP experts")
     parser.add_argument("--sequence-parallel", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bf16 params, fp32 main params")
     add_muon_config_args(parser)
     # The check is tight in fp32; `--muon-ns-dtype bf16` checks the bf16 path.
     parser.set_defaults(muon_ns_dtype="fp32")
@@ -61,15 +41,19 @@ def _verify(argv: Sequence[str]) -> int:
         dp=args.dp,
         pp=args.pp,
         ep=args.ep,
+        etp=args.etp,
         experts=args.experts,
         steps=args.steps,
         dispatcher=args.dispatcher,
         grouped_gemm=args.grouped_gemm,
         sequence_parallel=args.sequence_parallel,
+        bf16_params=args.bf16,
     )
     result = run_verify(spec, MuonConfig.from_namespace(args))
     for name, diff in sorted(result["diffs"].items()):
         print(f"  {name:70s} rel_diff={diff:.3e}")
+    for family, diff in sorted(result["family_diffs"].items()):
+        print(f"  family {family:8s} rel_diff={diff:.3e}")
     print(f"losses dist={[round(x, 4) for x in result['dist_losses']]}")
     print(f"losses ref ={[round(x, 4) for x in result['ref_losses']]}")
     ok = result["max_rel_diff"] <= result["tolerance"]

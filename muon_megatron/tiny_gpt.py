@@ -329,7 +329,9 @@ def build_adam_optimizer(
     return optimizer
 
 
-def global_batch(step: int, spec: ModelSpec, global_batch_size: int, seed: int) -> dict:
+def global_batch(
+    step: int, spec: ModelSpec, global_batch_size: int, seed: int
+) -> dict[str, torch.Tensor]:
     """Deterministic token batch for `step`: the same on every rank and under every layout.
 
     Each sequence is an arithmetic progression mod vocab (random start, stride 1-3) with 10%
@@ -396,7 +398,10 @@ def forward_backward(
         )
     local = gbs // dp_size
     num_microbatches = local // micro_batch_size
-    shard = {k: v[dp_rank * local : (dp_rank + 1) * local] for k, v in batch.items()}
+    # On GPU megatron keeps params on the current CUDA device; the batch and the loss
+    # all-reduce (NCCL takes CUDA tensors only) follow them there.
+    device = torch.device(torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+    shard = {k: v[dp_rank * local : (dp_rank + 1) * local].to(device) for k, v in batch.items()}
     micro_batches = [
         {k: v[i * micro_batch_size : (i + 1) * micro_batch_size] for k, v in shard.items()}
         for i in range(num_microbatches)
@@ -415,7 +420,7 @@ def forward_backward(
     )
 
     # Only the last stage has losses; TP ranks hold copies, so count tp rank 0 only.
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     if (
         parallel_state.is_pipeline_last_stage()
         and parallel_state.get_tensor_model_parallel_rank() == 0
@@ -543,7 +548,7 @@ def _spec_of(model_chunk: torch.nn.Module) -> ModelSpec:
 
 def _named_fp32(model_chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {
-        name: param.detach().float().clone()
+        name: param.detach().float().cpu().clone()
         for name, param in unwrap(model_chunk).named_parameters()
     }
 

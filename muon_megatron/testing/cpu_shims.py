@@ -7,13 +7,19 @@ this. Each shim names the megatron line (0.16.1) that assumed CUDA; the full map
 
 Two rules keep the shims from changing what already works:
 
-* Process-wide patches only replace calls that would *raise* in a CPU-only torch build
-  (`torch.cuda.current_device`, `torch.cuda.synchronize`, streams and events,
-  `Tensor.cuda`).
-* Anything that would change an answer that does not raise (CUDA RNG calls, `device='cuda'`
+* Process-wide patches only replace what would otherwise fail on CPU or over gloo
+  (`torch.cuda.current_device`, `torch.cuda.synchronize`, streams and events, `Tensor.cuda`,
+  megatron's uneven dim-0 collectives, the local norm's sequence-parallel assert, the missing
+  `grouped_gemm` extension). The one exception: GroupedMLP builds its activations without
+  torch.compile (same math, no C++ toolchain run per process).
+* Anything that would change an answer that does not fail (CUDA RNG calls, `device='cuda'`
   literals, `Tensor.type()` names) is scoped: either to the megatron module that needs it
   (the module's own `torch` global is replaced by a view that differs only in those names)
   or to the duration of the megatron function that needs it.
+
+Beyond CUDA, megatron's distributed optimizer has three bugs that only show with torch's own
+Adam (the fallback when neither apex nor Transformer Engine is installed, i.e. always on CPU):
+checkpoint loading trips over Adam's per-param "step"; see `_install_checkpoint_shims`.
 
 `install_cpu_shims()` imports the megatron modules it patches itself, so it may be called
 before or after the caller imports megatron. Functions that megatron imports by name into
@@ -262,7 +268,9 @@ def _install_rng_routing() -> None:
     # defer the set through `torch.cuda._lazy_call`, which never runs without CUDA. Route
     # both to the CPU default generator: weights are initialised on CPU, so that is the
     # generator `fork()` must swap for TP/EP ranks to draw different values, as on GPU.
-    def get_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
+    def get_state(
+        device: Any = "cuda", clone: bool = False, graph_safe: bool = False
+    ) -> torch.Tensor:
         return torch.get_rng_state()
 
     def set_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
@@ -364,10 +372,11 @@ def _install_device_literal_mapping() -> None:
 _TENSORBASE_TYPE = torch._C.TensorBase.type
 
 
-def _type_with_cuda_names(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False,
-                          **kwargs: Any) -> Any:
+def _type_with_cuda_names(
+    self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any
+) -> Any:
     if dtype is None and not kwargs and self.device.type == "cpu":
-        return "torch.cuda." + _TENSORBASE_TYPE(self)[len("torch."):]
+        return "torch.cuda." + _TENSORBASE_TYPE(self)[len("torch.") :]
     return _TENSORBASE_TYPE(self, dtype, non_blocking, **kwargs)
 
 
@@ -406,11 +415,7 @@ def _install_type_name_checks() -> None:
     # optimizer.py 671/690: the same check in the non-distributed mixed-precision optimizer.
     _wrap_method(Float16OptimizerWithFloat16Params, "__init__", _under_cuda_type_names)
     # clip_grads.py 167: `assert param.grad.type() == 'torch.cuda.FloatTensor'`; imported by
-    # name into optimizer.py and layer_wise_optimizer.py.
-    import megatron.core.optimizer.optimizer  # noqa: F401
-
-    with contextlib.suppress(ImportError):
-        import megatron.core.optimizer.layer_wise_optimizer  # noqa: F401
+    # name into optimizer.py (already loaded above, so it is rebound too).
     _wrap_function(clip_grads, "clip_grad_by_total_norm_fp32", _under_cuda_type_names)
 
 
@@ -427,8 +432,9 @@ class _GroupedGemmOps:
     """
 
     @staticmethod
-    def gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor,
-            trans_b: bool = False) -> torch.Tensor:
+    def gmm(
+        a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = False
+    ) -> torch.Tensor:
         outs = []
         for expert, rows in enumerate(a.split([int(n) for n in batch_sizes.tolist()])):
             w = b[expert].t() if trans_b else b[expert]
@@ -459,6 +465,7 @@ def _install_moe_shims() -> None:
         return wrapper
 
     _wrap_function(moe_utils, "maybe_move_tensor_to_cpu", move_to_cpu)
+    _install_uneven_first_dim_collectives()
 
     # experts.py:81 (GroupedMLP) requires the `grouped_gemm` CUDA extension.
     if grouped_gemm_util.grouped_gemm is None:
@@ -469,6 +476,52 @@ def _install_moe_shims() -> None:
     # construction time; on CPU that runs the inductor C++ toolchain in every process for a
     # fusion that only pays off on GPU.
     experts.jit_fuser = _mark(lambda fn: fn)
+
+
+def _install_uneven_first_dim_collectives() -> None:
+    from megatron.core.tensor_parallel import mappings
+
+    # mappings.py 150/193: with split sizes, the gather / reduce-scatter along dim 0 use
+    # list-of-tensors `all_gather` / `reduce_scatter` with *unequal* sizes, which NCCL accepts
+    # and gloo rejects ("invalid tensor size"). The all-to-all dispatcher takes this path for
+    # its TP gather when expert TP > 1. Same results with equal-size gloo collectives.
+    def gather(orig: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def wrapper(
+            input_: torch.Tensor,
+            group: Any,
+            output_split_sizes: Any = None,
+            use_global_buffer: bool = False,
+        ) -> torch.Tensor:
+            if output_split_sizes is None or group.size() == 1:
+                return orig(input_, group, output_split_sizes, use_global_buffer)
+            sizes = [int(n) for n in output_split_sizes]
+            padded = input_.new_zeros((max(sizes), *input_.shape[1:]))
+            padded[: input_.shape[0]] = input_
+            gathered = input_.new_empty((len(sizes) * max(sizes), *input_.shape[1:]))
+            torch.distributed.all_gather_into_tensor(gathered, padded, group=group)
+            chunks = gathered.split(max(sizes))
+            return torch.cat([chunk[:n] for chunk, n in zip(chunks, sizes, strict=True)])
+
+        return wrapper
+
+    def reduce_scatter(orig: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def wrapper(
+            input_: torch.Tensor,
+            group: Any,
+            input_split_sizes: Any = None,
+            use_global_buffer: bool = False,
+        ) -> torch.Tensor:
+            if input_split_sizes is None or group.size() == 1:
+                return orig(input_, group, input_split_sizes, use_global_buffer)
+            total = input_.contiguous().clone()
+            torch.distributed.all_reduce(total, group=group)
+            sizes = [int(n) for n in input_split_sizes]
+            return total.split(sizes)[group.rank()].clone()
+
+        return wrapper
+
+    _wrap_function(mappings, "_gather_along_first_dim", gather)
+    _wrap_function(mappings, "_reduce_scatter_along_first_dim", reduce_scatter)
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,4 +657,6 @@ def _init_torch_adam_state(optimizer: torch.optim.Optimizer) -> None:
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             if group.get("amsgrad", False):
-                state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["max_exp_avg_sq"] = torch.zeros_like(
+                    param, memory_format=torch.preserve_format
+                )

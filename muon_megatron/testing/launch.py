@@ -13,6 +13,7 @@ import os
 import pickle
 import queue
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -73,8 +74,8 @@ def _child(
 
 
 def _teardown() -> None:
-    import sys
-
+    # megatron's groups (gloo communicators included) go before the default group they hang
+    # off; megatron is only torn down if fn imported it.
     if "megatron.core.parallel_state" in sys.modules:
         sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
     if torch.distributed.is_initialized():
