@@ -40,6 +40,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from muon_megatron.checkpoint_state import MuonCheckpointMixin
 from muon_megatron.config import MuonConfig
 from muon_megatron.grid import Grid, all_to_all, build_grid
 from muon_megatron.newton_schulz import (
@@ -50,6 +51,7 @@ from muon_megatron.newton_schulz import (
     ns_flops,
     update_scale,
 )
+from muon_megatron.nonfinite import NonFiniteGradSkipMixin
 from muon_megatron.ownership import assign_owners
 from muon_megatron.routing import (
     MatrixSplit,
@@ -90,8 +92,14 @@ class _Matrix:
         return end - start
 
 
-class MuonDistributedOptimizer(DistributedOptimizer):
+class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, DistributedOptimizer):
     """ZeRO-1 Muon for 2-D hidden weights, Megatron's AdamW for everything else.
+
+    Checkpoints (`checkpoint_state.MuonCheckpointMixin`): Megatron's `sharded_state_dict` /
+    `load_state_dict` save and load the momentum, bitwise, under the state key
+    `muon_momentum` ('fully_reshardable' and 'dp_reshardable'). Non-finite gradients
+    (`nonfinite.NonFiniteGradSkipMixin`): `prepare_grads` reports found_inf on every rank
+    together, the step is skipped and counted in `skipped_steps`.
 
     Takes DistributedOptimizer's arguments plus `muon_config` and `is_muon` (name, param)
     -> bool. Construct through `muon_megatron.get_muon_optimizer`.
