@@ -1,0 +1,375 @@
+"""A real training entry on megatron-core: GPT / MoE on byte-level text, Muon or AdamW.
+
+Flags are Megatron-LM's names (`--tensor-model-parallel-size`, `--num-experts`, `--lr`,
+`--lr-decay-style`, ...) plus the `--muon-*` flags generated from `MuonConfig`, so a
+Megatron-LM launch line moves over with little change and switching to Muon is
+`--optimizer muon`. `examples/pretrain_moe.py` and `muon-megatron demo` both call `main`.
+
+What one run does, rank by rank:
+
+* processes: under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK set) each process joins with
+  nccl when CUDA is available (gloo otherwise); without torchrun on CPU, `--world-size` gloo
+  processes are spawned (`muon_megatron.testing.launch`). The CPU shims for megatron-core are
+  installed only when CUDA is absent.
+* model: megatron-core's `GPTModel` (Transformer Engine layers when TE imports and CUDA is
+  there, megatron's local layers otherwise), MoE layers per `--moe-layer-freq`, wrapped in
+  megatron's DDP with ZeRO-1 buffers (`--use-distributed-optimizer` is implied).
+* optimizer: `get_muon_optimizer` for `--optimizer muon` (Muon for 2-D hidden weights, AdamW
+  for the rest), `get_megatron_optimizer` for `--optimizer adam`; lr and weight decay follow
+  megatron's `OptimizerParamScheduler` (warmup, then the decay style) for both.
+* data: `muon_megatron.data` (stdlib sources, bytes); each DP rank reads its own rows.
+* output: Megatron-style log lines on rank 0; `<output-dir>/<optimizer>.json` (every
+  iteration's loss, lr, grad norm, update RMS, throughput, the validation losses and the
+  arguments) and `<output-dir>/loss_<optimizer>.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from muon_megatron.train_args import build_parser, default_world_size, validate_args
+
+__all__ = ["build_parser", "main", "run", "plot_losses"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse Megatron-LM-style flags and train; returns a process exit code."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    summary = launch(args)
+    return 0 if summary is not None and math.isfinite(summary["final_loss"]) else 1
+
+
+def launch(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Run `run(args)` on every rank; returns rank 0's summary (None on other torchrun ranks)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return _run_under_torchrun(args)
+    if torch.cuda.is_available():
+        raise ValueError(
+            "CUDA is available but RANK/WORLD_SIZE are not set: launch GPU runs with torchrun "
+            "(see examples/h100_single_node_moe.sh)."
+        )
+    world_size = args.world_size or default_world_size(args)
+    validate_args(args, world_size)
+    from muon_megatron.testing.launch import spawn
+
+    with _quiet_cpu_children():
+        return spawn(_spawned_rank, world_size, args, timeout_s=args.timeout_s)[0]
+
+
+# Warnings every CPU rank prints at import or on every step that say nothing about the run
+# (no Transformer Engine / Apex on CPU, torch deprecations inside megatron-core).
+_CPU_NOISE = (
+    "ignore:Transformer Engine and Apex are not installed",
+    "ignore:Apex is not installed",
+    "ignore:`torch.distributed.all_gather_into_tensor` is deprecated",
+    "ignore:`torch.distributed.reduce_scatter_tensor` is deprecated",
+    "ignore:The .grad attribute of a Tensor that is not a leaf Tensor",
+    "ignore:full scope is deprecated",
+)
+
+
+@contextlib.contextmanager
+def _quiet_cpu_children() -> Iterator[None]:
+    """Spawned ranks inherit the environment: filter the noise there, unless the user set
+    PYTHONWARNINGS; CUDA_DEVICE_MAX_CONNECTIONS=1 is what megatron asks for with SP."""
+    saved = {k: os.environ.get(k) for k in ("PYTHONWARNINGS", "CUDA_DEVICE_MAX_CONNECTIONS")}
+    os.environ.setdefault("PYTHONWARNINGS", ",".join(_CPU_NOISE))
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _run_under_torchrun(args: argparse.Namespace) -> dict[str, Any] | None:
+    world_size = int(os.environ["WORLD_SIZE"])
+    if args.world_size is not None and args.world_size != world_size:
+        raise ValueError(
+            f"--world-size {args.world_size} disagrees with torchrun's WORLD_SIZE={world_size}; "
+            "drop --world-size under torchrun."
+        )
+    validate_args(args, world_size)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    else:
+        from muon_megatron.testing.cpu_shims import install_cpu_shims
+
+        install_cpu_shims()
+        backend = "gloo"
+    torch.distributed.init_process_group(
+        backend, timeout=datetime.timedelta(seconds=args.timeout_s)
+    )
+    try:
+        return run(args)
+    finally:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+
+
+def _spawned_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict[str, Any] | None:
+    return run(args)
+
+
+# --------------------------------------------------------------------------------------------
+# One rank's run
+# --------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Train on this rank (torch.distributed initialised); rank 0 returns the summary."""
+    from megatron.core import parallel_state
+
+    from muon_megatron import model_setup
+    from muon_megatron.data import local_batch, stdlib_corpus
+
+    t_start = time.perf_counter()
+    model_setup.initialize_parallel(args)
+    model = model_setup.build_model(args)
+    optimizer, scheduler = model_setup.build_optimizer(args, model)
+    start = load_if_present(args, model, optimizer, scheduler) if args.load else 0
+    corpus = stdlib_corpus()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    rank = torch.distributed.get_rank()
+
+    def batch(split: str, iteration: int) -> dict[str, torch.Tensor]:
+        tokens = corpus.train if split == "train" else corpus.valid
+        seed = args.seed if split == "train" else args.seed + 1
+        b = local_batch(tokens, args.seq_length, args.global_batch_size, iteration, seed,
+                        dp_rank, dp_size)
+        return {k: v.to(model_setup.device()) for k, v in b.items()}
+
+    log: dict[str, Any] = {
+        "optimizer": args.optimizer,
+        "world_size": torch.distributed.get_world_size(),
+        "data_parallel_size": dp_size,
+        "corpus": {
+            "train_tokens": len(corpus.train),
+            "valid_tokens": len(corpus.valid),
+            "sha256": corpus.sha256,
+            "files": len(corpus.train_files) + len(corpus.valid_files),
+        },
+        "args": {k: v for k, v in vars(args).items() if _jsonable(v)},
+        "start_iteration": start,
+        "iterations": [],
+        "validation": [],
+    }
+    if rank == 0:
+        local = model_setup.local_parameter_count(model)
+        print(
+            f"> {args.optimizer} | world {log['world_size']} = tp {args.tensor_model_parallel_size}"
+            f" x pp {args.pipeline_model_parallel_size} x dp {dp_size}"
+            f" (ep {args.expert_model_parallel_size}) | params on rank 0: {local:,}"
+            f" | corpus {len(corpus.train):,} train / {len(corpus.valid):,} valid bytes"
+            f" ({log['corpus']['files']} stdlib files)",
+            flush=True,
+        )
+        log["parameters_rank0"] = local
+    tokens_per_iter = args.global_batch_size * args.seq_length
+    interval_time, interval_iters = 0.0, 0
+    t_train = time.perf_counter()
+    for iteration in range(start + 1, args.train_iters + 1):
+        t0 = time.perf_counter()
+        lr = max(group["lr"] for group in optimizer.param_groups)
+        loss = model_setup.forward_backward(args, model, batch("train", iteration))
+        update_ok, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=args.global_batch_size)
+        dt = time.perf_counter() - t0
+        interval_time, interval_iters = interval_time + dt, interval_iters + 1
+        record = {
+            "iteration": iteration,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "update_rms": model_setup.update_rms(optimizer),
+            "seconds": dt,
+            "tokens_per_s": tokens_per_iter / dt,
+            "skipped": not update_ok,
+        }
+        log["iterations"].append(record)
+        if iteration % args.log_interval == 0 or iteration in (start + 1, args.train_iters):
+            if rank == 0:
+                per_iter = interval_time / interval_iters
+                print(_log_line(args, record, per_iter, time.perf_counter() - t_train), flush=True)
+            interval_time, interval_iters = 0.0, 0
+        if args.eval_interval and (
+            iteration % args.eval_interval == 0 or iteration == args.train_iters
+        ):
+            val = model_setup.evaluate(args, model, lambda i: batch("valid", i))
+            log["validation"].append({"iteration": iteration, "loss": val})
+            if rank == 0:
+                print(f" validation loss at iteration {iteration:6d} | lm loss: {val:.6E} |"
+                      f" lm loss PPL: {math.exp(min(val, 50.0)):.6E}", flush=True)
+        if args.save is not None and args.save_interval and iteration % args.save_interval == 0:
+            save(args, model, optimizer, scheduler, iteration)
+        if not math.isfinite(loss):
+            break
+    last = log["iterations"][-1]["iteration"]
+    if args.save is not None and not (args.save_interval and last % args.save_interval == 0):
+        save(args, model, optimizer, scheduler, last)
+    log["wall_seconds"] = time.perf_counter() - t_start
+    if rank != 0:
+        return None
+    return write_outputs(args, log)
+
+
+TRACKER = "latest_checkpointed_iteration.txt"
+"""Megatron-LM's name for the file in --save/--load that names the latest iteration."""
+
+
+def load_if_present(args: argparse.Namespace, model: list, optimizer: Any, scheduler: Any) -> int:
+    """Resume from `--load` (Megatron-LM layout: `iter_NNNNNNN/` + the tracker file); returns
+    the iteration loaded, 0 when `--load` holds no checkpoint yet (as Megatron-LM does)."""
+    from muon_megatron import checkpointing
+
+    tracker = os.path.join(args.load, TRACKER)
+    if not os.path.isfile(tracker):
+        if torch.distributed.get_rank() == 0:
+            print(f"> no checkpoint in {args.load} ({TRACKER} missing): starting from scratch",
+                  flush=True)
+        return 0
+    with open(tracker, encoding="utf-8") as fh:
+        iteration = int(fh.read().strip())
+    ckpt_dir = os.path.join(args.load, f"iter_{iteration:07d}")
+    loaded = checkpointing.load_checkpoint(ckpt_dir, model, optimizer, scheduler)
+    if torch.distributed.get_rank() == 0:
+        print(f"> loaded {ckpt_dir} (iteration {loaded})", flush=True)
+    if loaded >= args.train_iters:
+        raise ValueError(
+            f"--load {args.load} is at iteration {loaded}, not below --train-iters "
+            f"{args.train_iters}: raise --train-iters to train further."
+        )
+    return loaded
+
+
+def save(args: argparse.Namespace, model: list, optimizer: Any, scheduler: Any,
+         iteration: int) -> None:
+    """Save to `--save/iter_NNNNNNN` and point the tracker file at it (collective)."""
+    from muon_megatron import checkpointing
+
+    ckpt_dir = os.path.join(args.save, f"iter_{iteration:07d}")
+    checkpointing.save_checkpoint(ckpt_dir, model, optimizer, scheduler, iteration)
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(args.save, TRACKER), "w", encoding="utf-8") as fh:
+            fh.write(str(iteration))
+        print(f"> saved {ckpt_dir}", flush=True)
+    torch.distributed.barrier()
+
+
+def _log_line(args: argparse.Namespace, r: dict[str, Any], sec_per_iter: float,
+              elapsed: float) -> str:
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    rms = "-" if r["update_rms"] is None else f"{r['update_rms']:.3f}"
+    norm = "-" if r["grad_norm"] is None else f"{r['grad_norm']:.3f}"
+    return (
+        f" [{stamp}] iteration {r['iteration']:8d}/{args.train_iters:8d} |"
+        f" consumed samples: {r['iteration'] * args.global_batch_size:12d} |"
+        f" elapsed time per iteration (ms): {sec_per_iter * 1000:.1f} |"
+        f" learning rate: {r['lr']:.6E} | global batch size: {args.global_batch_size:5d} |"
+        f" lm loss: {r['loss']:.6E} | grad norm: {norm} | update rms: {rms} |"
+        f" tokens/s: {args.global_batch_size * args.seq_length / sec_per_iter:.0f} |"
+        f" elapsed: {elapsed:.1f} s |"
+    )
+
+
+def _jsonable(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool, type(None), list, tuple))
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------
+
+
+def write_outputs(args: argparse.Namespace, log: dict[str, Any]) -> dict[str, Any]:
+    """Write `<optimizer>.json` and `loss_<optimizer>.png` under `args.output_dir`."""
+    out = os.path.abspath(args.output_dir)
+    os.makedirs(out, exist_ok=True)
+    losses = [r["loss"] for r in log["iterations"]]
+    k = max(1, min(10, len(losses) // 5))
+    log["summary"] = {
+        "first_loss": losses[0],
+        "final_loss": losses[-1],
+        f"mean_first_{k}": sum(losses[:k]) / k,
+        f"mean_last_{k}": sum(losses[-k:]) / k,
+        "final_validation_loss": log["validation"][-1]["loss"] if log["validation"] else None,
+        "wall_seconds": log["wall_seconds"],
+    }
+    json_path = os.path.join(out, f"{args.optimizer}.json")
+    with open(json_path, "w", encoding="utf-8") as fh:
+        json.dump(log, fh, indent=1)
+    png_path = plot_losses({args.optimizer: log}, os.path.join(out, f"loss_{args.optimizer}.png"))
+    print(f"> training log: {json_path}", flush=True)
+    if png_path is not None:
+        print(f"> loss curve: {png_path}", flush=True)
+    return {
+        **log["summary"],
+        "json": json_path,
+        "png": png_path,
+        "mean_first": log["summary"][f"mean_first_{k}"],
+        "mean_last": log["summary"][f"mean_last_{k}"],
+    }
+
+
+def plot_losses(logs: dict[str, dict[str, Any]], path: str) -> str | None:
+    """Plot training (and validation) loss of each run in `logs`; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("> matplotlib is not installed (pip install 'muon-megatron[plot]'): no plot",
+              flush=True)
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (label, log), color in zip(logs.items(), ("C0", "C1", "C2", "C3")):
+        its = [r["iteration"] for r in log["iterations"]]
+        ax.plot(its, [r["loss"] for r in log["iterations"]], color=color, alpha=0.35, lw=0.8)
+        ax.plot(its, _smooth([r["loss"] for r in log["iterations"]]), color=color,
+                label=f"{label} train (smoothed)")
+        if log["validation"]:
+            ax.plot([v["iteration"] for v in log["validation"]],
+                    [v["loss"] for v in log["validation"]], "o--", color=color, ms=4,
+                    label=f"{label} validation")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (nats / byte)")
+    ax.set_title("byte-level LM on Python stdlib sources")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _smooth(values: list[float], window: int = 10) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Flags of the training entry: Megatron-LM's names and defaults, plus the `--muon-*` flags.
+
+Only the Megatron-LM flags the entry acts on are defined; each keeps Megatron-LM's spelling
+and default (except the model size, which defaults to a tiny GPT so that a bare run works
+on a laptop). The `--muon-*` flags come from `MuonConfig` via `add_muon_config_args`.
+`validate_args` raises ValueError naming the value and the fix, before any process starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from typing import Any
+
+from muon_megatron.arguments import add_muon_config_args
+from muon_megatron.data import VOCAB_SIZE
+
+__all__ = ["build_parser", "validate_args", "default_world_size", "moe_layer_pattern"]
+
+
+def _moe_layer_freq(text: str) -> int | list[int]:
+    """Megatron-LM's `--moe-layer-freq`: an int N (every N-th layer is MoE) or a list
+    pattern such as `([0]*1+[1]*26)` (0 dense, 1 MoE)."""
+    text = text.strip()
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    if re.search(r"[^,\d\[\]\(\)\+\*\s]", text):
+        raise argparse.ArgumentTypeError(
+            f"--moe-layer-freq {text!r}: use an int or a pattern like '([0]*1+[1]*26)'"
+        )
+    value = eval(text, {"__builtins__": {}}, {})  # noqa: S307 (digits, brackets, + and * only)
+    if not isinstance(value, list) or any(v not in (0, 1) for v in value):
+        raise argparse.ArgumentTypeError(f"--moe-layer-freq {text!r} must give a list of 0/1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `examples/pretrain_moe.py` (Megatron-LM flag names)."""
+    p = argparse.ArgumentParser(
+        prog="pretrain_moe.py",
+        description="Train a GPT / MoE with megatron-core on byte-level Python stdlib text, "
+        "with Muon (--optimizer muon) or AdamW (--optimizer adam).",
+        allow_abbrev=False,
+    )
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                   help="Default: the tensor-parallel size (as in Megatron-LM).")
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
+    g.add_argument("--use-distributed-optimizer", action="store_true", default=True,
+                   help="Accepted for Megatron-LM compatibility; always on (ZeRO-1).")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--world-size", type=int, default=None,
+                   help="Without torchrun (CPU only): number of gloo processes to spawn. "
+                   "Default: the smallest world the parallel sizes need.")
+    g.add_argument("--timeout-s", type=float, default=1800.0,
+                   help="Process-group timeout and, when spawning on CPU, the run's limit.")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=2)
+    g.add_argument("--hidden-size", type=int, default=64)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="Default: 4 x hidden.")
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=1)
+    g.add_argument("--kv-channels", type=int, default=None)
+    g.add_argument("--seq-length", type=int, default=64)
+    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--position-embedding-type", choices=("rope", "learned_absolute"),
+                   default="rope")
+    g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--vocab-size", type=int, default=VOCAB_SIZE,
+                   help="Embedding rows. The tokenizer is byte-level (ids < 256); a larger "
+                   "value pads the table, as Megatron pads vocabularies (e.g. to reproduce "
+                   "a production model's shapes).")
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default=None,
+                   help="Default: transformer_engine when CUDA and TE are available, else local.")
+
+    g = p.add_argument_group("moe")
+    g.add_argument("--num-experts", type=int, default=None)
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None,
+                   help="Default: --ffn-hidden-size.")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    g.add_argument("--moe-layer-freq", type=_moe_layer_freq, default=1)
+    g.add_argument("--moe-grouped-gemm", action="store_true")
+    g.add_argument("--moe-token-dispatcher-type", choices=("allgather", "alltoall"),
+                   default="allgather")
+    g.add_argument("--moe-router-load-balancing-type",
+                   choices=("aux_loss", "seq_aux_loss", "none"), default="aux_loss")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-router-score-function", choices=("softmax", "sigmoid"),
+                   default="softmax")
+    g.add_argument("--moe-router-enable-expert-bias", action="store_true")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=2)
+    g.add_argument("--global-batch-size", type=int, default=8)
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--optimizer", choices=("adam", "muon"), default="adam",
+                   help="'muon': Muon for 2-D hidden weights, AdamW for the rest (Moonlight).")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="Default: --train-iters.")
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine",
+                                                "inverse-square-root"), default="linear")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true", help="Rejected: Muon needs bf16 or fp32.")
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("logging, evaluation and checkpoints")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--output-dir", default="runs/pretrain_moe",
+                   help="Where the JSON log and the loss-curve PNG go.")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+
+    add_muon_config_args(p)
+    return p
+
+
+def moe_layer_pattern(args: argparse.Namespace) -> list[int]:
+    """0/1 per layer (1 = MoE); all zeros for a dense model."""
+    if args.num_experts is None:
+        return [0] * args.num_layers
+    freq = args.moe_layer_freq
+    if isinstance(freq, int):
+        return [1 if i % freq == 0 else 0 for i in range(args.num_layers)]
+    return list(freq)
+
+
+def _etp(args: argparse.Namespace) -> int:
+    if args.expert_tensor_parallel_size is None:
+        return args.tensor_model_parallel_size
+    return args.expert_tensor_parallel_size
+
+
+def default_world_size(args: argparse.Namespace) -> int:
+    """Smallest world for the layout: dp is the least that lets ep x etp divide dp x tp."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    experts = args.expert_model_parallel_size * _etp(args)
+    dp = experts // math.gcd(experts, tp)
+    return dp * tp * pp
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> None:
+    """Raise ValueError, naming the value and the fix, for settings that cannot run."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    ep, etp = args.expert_model_parallel_size, _etp(args)
+    errors: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    need(world_size % (tp * pp) == 0,
+         f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}")
+    dp = world_size // (tp * pp) if world_size % (tp * pp) == 0 else 1
+    need(args.global_batch_size % (args.micro_batch_size * dp) == 0,
+         f"--global-batch-size {args.global_batch_size} must be a multiple of "
+         f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dp}")
+    need(args.num_attention_heads % tp == 0,
+         f"--num-attention-heads {args.num_attention_heads} is not divisible by tp={tp}")
+    if args.group_query_attention:
+        need(args.num_query_groups % tp == 0,
+             f"--num-query-groups {args.num_query_groups} is not divisible by tp={tp}")
+    need(not args.sequence_parallel or tp > 1, "--sequence-parallel needs tp > 1")
+    need(not args.sequence_parallel or args.seq_length % tp == 0,
+         f"--seq-length {args.seq_length} is not divisible by tp={tp} (sequence parallel)")
+    uneven = (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers)
+    if uneven == (None, None):
+        need(args.num_layers % pp == 0,
+             f"--num-layers {args.num_layers} is not divisible by pp={pp}; set "
+             "--decoder-first/last-pipeline-num-layers for an uneven split")
+    if args.num_experts is None:
+        need(ep == 1, f"--expert-model-parallel-size {ep} needs --num-experts")
+    else:
+        need(args.num_experts % ep == 0,
+             f"--num-experts {args.num_experts} is not divisible by ep={ep}")
+        need((dp * tp) % (ep * etp) == 0,
+             f"ep x etp = {ep} x {etp} must divide dp x tp = {dp} x {tp}; change --world-size "
+             "or --expert-tensor-parallel-size")
+        need(tp == 1 or args.sequence_parallel,
+             f"megatron requires --sequence-parallel for MoE with tp={tp}")
+        need(args.moe_router_topk <= args.num_experts,
+             f"--moe-router-topk {args.moe_router_topk} > --num-experts {args.num_experts}")
+        need(not args.moe_shared_expert_intermediate_size or args.disable_bias_linear,
+             "megatron's shared experts take no bias: add --disable-bias-linear")
+        need(len(moe_layer_pattern(args)) == args.num_layers,
+             f"--moe-layer-freq pattern has {len(moe_layer_pattern(args))} entries for "
+             f"{args.num_layers} layers")
+    need(not args.fp16, "--fp16 is not supported with muon-megatron; use --bf16")
+    need(args.vocab_size >= VOCAB_SIZE,
+         f"--vocab-size {args.vocab_size} is below the byte tokenizer's {VOCAB_SIZE}")
+    decay = args.lr_decay_iters or args.train_iters
+    need(args.lr_warmup_iters < decay,
+         f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay iterations "
+         f"({decay}, from --lr-decay-iters or --train-iters)")
+    need(args.train_iters >= 1, f"--train-iters {args.train_iters} must be >= 1")
+    need(args.log_interval >= 1, f"--log-interval {args.log_interval} must be >= 1")
+    if errors:
+        raise ValueError("invalid training arguments:\n  " + "\n  ".join(errors))
+
+
+def model_dims(args: argparse.Namespace) -> dict[str, Any]:
+    """Sizes with Megatron-LM's derived defaults filled in."""
+    ffn = args.ffn_hidden_size or 4 * args.hidden_size
+    return {
+        "ffn_hidden_size": ffn,
+        "moe_ffn_hidden_size": args.moe_ffn_hidden_size or ffn,
+        "kv_channels": args.kv_channels or args.hidden_size // args.num_attention_heads,
+        "num_query_groups": (
+            args.num_query_groups if args.group_query_attention else args.num_attention_heads
+        ),
+    }

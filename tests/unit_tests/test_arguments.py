@@ -1,0 +1,127 @@
+"""The `--muon-*` flags are generated from `MuonConfig` and cannot drift from it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import typing
+
+import pytest
+
+from muon_megatron import cli
+from muon_megatron.arguments import (
+    add_muon_config_args,
+    chain_extra_args_providers,
+    flags_markdown_table,
+    muon_extra_args_provider,
+    muon_flag,
+)
+from muon_megatron.config import MuonConfig
+
+FIELDS = dataclasses.fields(MuonConfig)
+DOCS_FLAGS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "flags.md"
+
+
+def _parser() -> argparse.ArgumentParser:
+    return muon_extra_args_provider(argparse.ArgumentParser(allow_abbrev=False))
+
+
+def _actions_by_flag(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {opt: action for action in parser._actions for opt in action.option_strings}
+
+
+def test_flag_defaults_equal_dataclass_and_constructor_defaults() -> None:
+    args = _parser().parse_args([])
+    constructed = MuonConfig()
+    for f in FIELDS:
+        assert getattr(args, f.name) == f.default == getattr(constructed, f.name), f.name
+    assert MuonConfig.from_namespace(args) == constructed
+
+
+def test_every_field_has_a_flag_with_the_field_help_text() -> None:
+    actions = _actions_by_flag(_parser())
+    for f in FIELDS:
+        action = actions[muon_flag(f.name)]
+        assert action.dest == f.name
+        assert f.metadata["help"].strip(), f"{f.name} has no help text"
+        assert action.help == f.metadata["help"]
+
+
+def test_bools_have_on_and_off_flags() -> None:
+    hints = typing.get_type_hints(MuonConfig)
+    bools = [f for f in FIELDS if hints[f.name] is bool]
+    assert bools, "MuonConfig has bool fields (nesterov, splits)"
+    parser = _parser()
+    for f in bools:
+        on = parser.parse_args([muon_flag(f.name)])
+        off = parser.parse_args(["--no-" + muon_flag(f.name)[2:]])
+        assert getattr(on, f.name) is True and getattr(off, f.name) is False, f.name
+
+
+def test_literal_fields_accept_exactly_their_choices() -> None:
+    hints = typing.get_type_hints(MuonConfig)
+    actions = _actions_by_flag(_parser())
+    for f in FIELDS:
+        if typing.get_origin(hints[f.name]) is typing.Literal:
+            assert tuple(actions[muon_flag(f.name)].choices) == typing.get_args(hints[f.name])
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--muon-scale-mode", "unit_rms_norm"])
+
+
+def test_values_reach_the_config() -> None:
+    args = _parser().parse_args(
+        ["--muon-momentum", "0.9", "--muon-ns-steps", "7", "--muon-coefficients", "polar_express",
+         "--no-muon-split-qkv", "--muon-comm-dtype", "bf16"]
+    )
+    cfg = MuonConfig.from_namespace(args)
+    assert (cfg.muon_momentum, cfg.muon_ns_steps, cfg.muon_coefficients) == (
+        0.9, 7, "polar_express"
+    )
+    assert cfg.muon_split_qkv is False and cfg.muon_comm_dtype == "bf16"
+
+
+def test_replaces_megatron_lm_flags_of_the_same_name() -> None:
+    """Megatron-LM defines `--muon-momentum` (default 0.9), `--muon-scale-mode` (other
+    choices) and `--muon-no-split-qkv` (dest muon_split_qkv) for megatron-core's own Muon.
+    After our provider, the dataclass default and choices are the only ones."""
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    group = parser.add_argument_group("regularization")
+    group.add_argument("--muon-momentum", type=float, default=0.9)
+    group.add_argument("--muon-scale-mode", default="spectral",
+                       choices=["spectral", "unit_rms_norm", "shape_scaling"])
+    group.add_argument("--muon-no-split-qkv", action="store_false", default=True,
+                       dest="muon_split_qkv")
+    parser = muon_extra_args_provider(parser)
+    args = parser.parse_args([])
+    assert args.muon_momentum == MuonConfig().muon_momentum == 0.95
+    assert args.muon_scale_mode == "moonlight"
+    assert parser.parse_args(["--muon-scale-mode", "none"]).muon_scale_mode == "none"
+    # Megatron-LM's spelling still works and agrees with ours.
+    assert parser.parse_args(["--muon-no-split-qkv"]).muon_split_qkv is False
+
+
+def test_chained_providers_apply_in_order() -> None:
+    def extra(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument("--my-flag", type=int, default=3)
+        return parser
+
+    parser = chain_extra_args_providers(muon_extra_args_provider, None, extra)(
+        argparse.ArgumentParser()
+    )
+    args = parser.parse_args(["--my-flag", "4"])
+    assert args.my_flag == 4 and args.muon_momentum == MuonConfig().muon_momentum
+
+
+def test_cli_still_exports_add_muon_config_args() -> None:
+    assert cli.add_muon_config_args is add_muon_config_args
+
+
+def test_docs_flags_table_matches_the_dataclass() -> None:
+    """docs/flags.md embeds `flags_markdown_table()` verbatim between markers; regenerate
+    with `python -m muon_megatron.arguments` when MuonConfig changes."""
+    text = DOCS_FLAGS.read_text(encoding="utf-8")
+    begin, end = "<!-- flags-table:begin -->\n", "<!-- flags-table:end -->"
+    assert begin in text and end in text, "docs/flags.md lost its table markers"
+    embedded = text.split(begin, 1)[1].split(end, 1)[0]
+    assert embedded == flags_markdown_table()
