@@ -7,13 +7,13 @@ import random
 import pytest
 
 from muon_megatron.newton_schulz import ns_flops
-from muon_megatron.ownership import assign_owners, load_per_rank
+from muon_megatron.ownership import LOCALITY_SLACK, assign_owners, load_per_rank
 
 # Issue target: the busiest rank does at most 15% more Newton-Schulz work than the mean.
 MAX_OVER_MEAN = 1.15
 
 
-def _moonlight_like_costs() -> list[float]:
+def _moonlight_like_shapes() -> list[tuple[int, int]]:
     """Matrices of one DeepSeek-style MoE block stack (hidden 2048, 64 experts of 1408,
     attention and shared experts): many similar matrices plus a few big ones."""
     shapes = []
@@ -21,7 +21,24 @@ def _moonlight_like_costs() -> list[float]:
         shapes += [(2048, 2048)] * 4  # q, k, v, proj-like
         shapes += [(1408, 2048)] * 2 * 64 + [(2048, 1408)] * 64  # experts gate/up, down
         shapes += [(2816, 2048)] * 2 + [(2048, 2816)]  # shared experts
-    return [float(ns_flops(r, c, 5)) for r, c in shapes]
+    return shapes
+
+
+def _moonlight_like_costs() -> list[float]:
+    return [float(ns_flops(r, c, 5)) for r, c in _moonlight_like_shapes()]
+
+
+def _contiguous_holders(sizes: list[int], ranks: int) -> list[dict[int, int]]:
+    """Elements of each matrix per rank when one flat buffer of them is cut into `ranks`
+    equal contiguous ranges, as Megatron's ZeRO-1 shards a gradient bucket."""
+    per_rank = -(-sum(sizes) // ranks)
+    held, offset = [], 0
+    for size in sizes:
+        spans = {r: min(offset + size, (r + 1) * per_rank) - max(offset, r * per_rank)
+                 for r in range(ranks)}
+        held.append({r: n for r, n in spans.items() if n > 0})
+        offset += size
+    return held
 
 
 @pytest.mark.parametrize("ranks", [2, 4, 8, 16])
@@ -55,3 +72,44 @@ def test_single_rank_owns_everything() -> None:
 def test_bad_rank_count_raises() -> None:
     with pytest.raises(ValueError, match="num_ranks=0"):
         assign_owners([1.0], 0)
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8, 16])
+def test_locality_keeps_matrices_where_their_shards_are(ranks: int) -> None:
+    # Measured local fraction with locality: 1.0 (2-8 ranks), 0.999 (16); plain LPT leaves
+    # only ~1/ranks of the elements where they are. Balance measured <= 1.036.
+    shapes = _moonlight_like_shapes()
+    costs = _moonlight_like_costs()
+    held = _contiguous_holders([r * c for r, c in shapes], ranks)
+    owners = assign_owners(costs, ranks, held)
+    load = load_per_rank(costs, owners, ranks)
+    assert max(load) / (sum(load) / ranks) <= MAX_OVER_MEAN, load
+    local = sum(h.get(o, 0) for h, o in zip(held, owners)) / sum(r * c for r, c in shapes)
+    plain = assign_owners(costs, ranks)
+    plain_local = sum(h.get(o, 0) for h, o in zip(held, plain)) / sum(r * c for r, c in shapes)
+    assert local >= 0.99, local
+    assert plain_local <= 1.5 / ranks, plain_local
+
+
+def test_locality_yields_to_balance() -> None:
+    # Rank 0 holds every job; taking them all would put the whole load on it. Each job may
+    # stay local only while rank 0's load is within LOCALITY_SLACK of the mean (8).
+    owners = assign_owners([4.0] * 4, 2, [{0: 10}] * 4)
+    assert load_per_rank([4.0] * 4, owners, 2) == [8.0, 8.0]
+    assert owners == [0, 0, 1, 1]
+
+
+def test_locality_prefers_the_rank_holding_most() -> None:
+    held = [{0: 3, 1: 7}, {0: 9, 2: 1}, {2: 5}]
+    assert assign_owners([1.0, 1.0, 1.0], 3, held, slack=0.0) == [1, 0, 2]
+
+
+def test_without_holders_it_is_plain_lpt() -> None:
+    costs = [3.0, 3.0, 2.0, 2.0, 2.0, 1.0]
+    assert assign_owners(costs, 3, [{}] * len(costs)) == assign_owners(costs, 3)
+    assert 0 < LOCALITY_SLACK <= MAX_OVER_MEAN - 1
+
+
+def test_holders_must_match_jobs() -> None:
+    with pytest.raises(ValueError, match="held has 1 entries for 2 jobs"):
+        assign_owners([1.0, 2.0], 2, [{0: 1}])
