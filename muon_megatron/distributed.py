@@ -19,7 +19,8 @@ and clipping, i.e. at the start of `step_with_ready_grads`):
                              copied to the model and all-gathered over DP.
 
 Each matrix is orthogonalized exactly once in the whole grid; owners are balanced by
-Newton-Schulz cost (`ownership.assign_owners`). Momentum is stored per shard in the inner
+Newton-Schulz cost (`ownership.assign_owners`) and, within 5% of the mean load, chosen where
+most of the matrix already lies, so that part is neither gathered nor scattered. Momentum is stored per shard in the inner
 optimizer's state as `exp_avg`: it is the same EMA as Adam's first moment.
 
 Numerical contract: with `muon_ns_dtype='fp32'` and `muon_comm_dtype='fp32'` the update
@@ -195,7 +196,12 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
                         cost=float(cost),
                     )
                 )
-        owners = assign_owners([m.cost for m in self._matrices], self.grid.size)
+        # What each grid member already holds of a matrix stays there if it owns it.
+        held = [
+            {g: m.shard_numel(d) for g, (t, d) in enumerate(self.grid.coords) if m.sends_from(t)}
+            for m in self._matrices
+        ]
+        owners = assign_owners([m.cost for m in self._matrices], self.grid.size, held)
         for m, owner in zip(self._matrices, owners):
             m.owner = owner
         self._buckets = self._make_buckets()
