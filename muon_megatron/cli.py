@@ -70,9 +70,15 @@ def _demo(argv: Sequence[str]) -> int:
     return demo.main(argv)
 
 
+def _bench(argv: Sequence[str]) -> int:
+    from muon_megatron import bench
+
+    return bench.main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"verify": _verify, "demo": _demo}
+    commands = {"verify": _verify, "demo": _demo, "bench": _bench}
     if not argv or argv[0] not in commands:
         print(f"usage: muon-megatron {{{','.join(commands)}}} [options]", file=sys.stderr)
         return 2

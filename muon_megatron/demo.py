@@ -18,14 +18,11 @@ import os
 import time
 from collections.abc import Sequence
 
-__all__ = ["main", "DEMO_FLAGS"]
+__all__ = ["main", "DEMO_FLAGS", "DEMO_MODEL_FLAGS"]
 
-# The demo model and recipe in the training entry's (Megatron-LM's) flag names.
-DEMO_FLAGS: tuple[str, ...] = (
-    "--tensor-model-parallel-size", "2",
-    "--expert-model-parallel-size", "2",
-    "--sequence-parallel",
-    "--world-size", "4",
+# The demo's model in the training entry's (Megatron-LM's) flag names; benchmarks/convergence.py
+# trains the same model on one process.
+DEMO_MODEL_FLAGS: tuple[str, ...] = (
     "--num-layers", "2",
     "--hidden-size", "64",
     "--ffn-hidden-size", "128",
@@ -38,6 +35,14 @@ DEMO_FLAGS: tuple[str, ...] = (
     "--swiglu", "--disable-bias-linear", "--normalization", "RMSNorm",
     "--hidden-dropout", "0", "--attention-dropout", "0",
     "--seq-length", "64",
+)
+# The demo: that model under TP2 x EP2 with sequence parallelism, and its recipe.
+DEMO_FLAGS: tuple[str, ...] = (
+    "--tensor-model-parallel-size", "2",
+    "--expert-model-parallel-size", "2",
+    "--sequence-parallel",
+    "--world-size", "4",
+    *DEMO_MODEL_FLAGS,
     "--micro-batch-size", "4",
     "--global-batch-size", "16",
     "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",

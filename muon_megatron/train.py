@@ -40,7 +40,7 @@ import torch
 
 from muon_megatron.train_args import build_parser, default_world_size, validate_args
 
-__all__ = ["build_parser", "main", "run", "plot_losses"]
+__all__ = ["build_parser", "main", "run", "plot_losses", "trailing_mean"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -345,7 +345,7 @@ def plot_losses(logs: dict[str, dict[str, Any]], path: str) -> str | None:
     for (label, log), color in zip(logs.items(), ("C0", "C1", "C2", "C3")):
         its = [r["iteration"] for r in log["iterations"]]
         ax.plot(its, [r["loss"] for r in log["iterations"]], color=color, alpha=0.35, lw=0.8)
-        ax.plot(its, _smooth([r["loss"] for r in log["iterations"]]), color=color,
+        ax.plot(its, trailing_mean([r["loss"] for r in log["iterations"]]), color=color,
                 label=f"{label} train (smoothed)")
         if log["validation"]:
             ax.plot([v["iteration"] for v in log["validation"]],
@@ -362,7 +362,8 @@ def plot_losses(logs: dict[str, dict[str, Any]], path: str) -> str | None:
     return path
 
 
-def _smooth(values: list[float], window: int = 10) -> list[float]:
+def trailing_mean(values: Sequence[float], window: int = 10) -> list[float]:
+    """Mean of the last `window` values at every position (fewer at the start)."""
     out, acc = [], 0.0
     for i, v in enumerate(values):
         acc += v

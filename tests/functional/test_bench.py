@@ -1,0 +1,140 @@
+"""The optimizer benchmark's own instruments: the collective byte counter, the
+Newton-Schulz accounting and the state-byte measurement, on real gloo processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from muon_megatron import cli
+from muon_megatron.bench import BenchConfig, run_bench
+from muon_megatron.testing.launch import spawn
+
+WORLD = 3
+
+
+def _counted_collectives(rank: int, world: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    from megatron.core.distributed import param_and_grad_buffer
+
+    from muon_megatron.comm_counter import CollectiveCounter
+
+    originals = (dist.all_reduce, param_and_grad_buffer.dist_all_gather_func)
+    counter = CollectiveCounter()
+    out: dict = {}
+    with counter.installed():
+        # Rank r sends r + 2j + 1 fp32 elements to rank j: uneven in both directions.
+        in_splits = [rank + 2 * j + 1 for j in range(world)]
+        out_splits = [j + 2 * rank + 1 for j in range(world)]
+        send = torch.full((sum(in_splits),), float(rank))
+        recv = torch.empty(sum(out_splits))
+        counter.start()
+        dist.all_to_all_single(recv, send, out_splits, in_splits)
+        out["a2a"] = counter.totals(counter.stop())
+        out["a2a_recv_ok"] = recv.tolist() == [
+            float(j) for j in range(world) for _ in range(out_splits[j])]
+
+        gathered = torch.empty(10 * world, dtype=torch.bfloat16)
+        counter.start()
+        # megatron's module-level alias of all_gather_into_tensor, bound at import time.
+        param_and_grad_buffer.dist_all_gather_func(gathered, torch.ones(10, dtype=torch.bfloat16))
+        dist._all_gather_base(gathered, torch.ones(10, dtype=torch.bfloat16))  # nested in torch
+        out["all_gather"] = counter.totals(counter.stop())
+
+        counter.start()
+        dist.reduce_scatter_tensor(torch.empty(5), torch.ones(5 * world))
+        dist.all_reduce(torch.ones(6, dtype=torch.float64))
+        dist.broadcast(torch.ones(7), src=1)
+        out["mixed"] = counter.totals(counter.stop())
+
+        before = len(counter.records)
+        dist.all_reduce(torch.ones(100))  # outside a window: not counted
+        out["outside"] = len(counter.records) - before
+    out["restored"] = (dist.all_reduce, param_and_grad_buffer.dist_all_gather_func) == originals
+    return out
+
+
+@pytest.fixture(scope="module")
+def counted() -> list[dict]:
+    return spawn(_counted_collectives, WORLD)
+
+
+def test_all_to_all_single_bytes_exclude_the_self_split(counted: list[dict]) -> None:
+    for r, out in enumerate(counted):
+        assert out["a2a_recv_ok"]
+        sent = 4 * sum(r + 2 * j + 1 for j in range(WORLD) if j != r)
+        received = 4 * sum(j + 2 * r + 1 for j in range(WORLD) if j != r)
+        assert (out["a2a"]["sent"], out["a2a"]["received"]) == (sent, received)
+        assert out["a2a"]["by_op"]["all_to_all_single"]["calls"] == 1
+
+
+def test_all_gather_through_megatron_alias_and_nested_base_counted_once_each(
+    counted: list[dict],
+) -> None:
+    for out in counted:
+        ag = out["all_gather"]
+        # Two calls of (W-1) x 20 bytes each; _all_gather_base's inner call is not counted.
+        assert ag["sent"] == ag["received"] == 2 * (WORLD - 1) * 20
+        assert sum(op["calls"] for op in ag["by_op"].values()) == 2
+
+
+def test_reduce_scatter_all_reduce_broadcast_bytes(counted: list[dict]) -> None:
+    for r, out in enumerate(counted):
+        by_op = out["mixed"]["by_op"]
+        assert by_op["reduce_scatter_tensor"]["sent"] == (WORLD - 1) * 20
+        assert by_op["all_reduce"]["sent"] == by_op["all_reduce"]["received"] == 2 * 2 * 48 // 3
+        bcast = by_op["broadcast"]
+        expected = ((WORLD - 1) * 28, 0) if r == 1 else (0, 28)
+        assert (bcast["sent"], bcast["received"]) == expected
+        assert out["outside"] == 0
+        assert out["restored"]
+
+
+@pytest.fixture(scope="module")
+def small_bench() -> dict:
+    cfg = BenchConfig(
+        layouts=("tp2xdp2", "moe_ep2xdp2"), optimizers=("adamw", "muon", "muon_fp32comm"),
+        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=128, num_experts=4, moe_ffn_hidden_size=64, seq_length=32,
+        warmup=1, steps=1,
+    )
+    return run_bench(cfg)
+
+
+def test_newton_schulz_runs_one_copy_of_every_logical_matrix(small_bench: dict) -> None:
+    muon_rows = [r for r in small_bench["rows"] if r["optimizer"] != "adamw"]
+    assert len(muon_rows) == 4
+    for row in muon_rows:
+        # FLOPs from the shapes passed to newton_schulz / the spec's own tally of matrices.
+        assert row["ns_copies"] == pytest.approx(1.0, rel=1e-12), row["layout"]
+        assert row["ns_flops_measured_equals_planned"]
+        assert row["ns_count_check"], (row["ns_matrices_per_step"], row["ns_calls_per_step"],
+                                       row["ns_expected_matrices"])
+    assert small_bench["checks"]["ns_copies"]["ok"]
+
+
+def test_state_bytes_and_communication_are_what_the_scheme_says(small_bench: dict) -> None:
+    rows = {(r["layout"], r["optimizer"]): r for r in small_bench["rows"]}
+    for layout in ("tp2xdp2", "moe_ep2xdp2"):
+        adam, bf16, fp32 = (rows[layout, o] for o in ("adamw", "muon", "muon_fp32comm"))
+        # fp32 main param + exp_avg (+ exp_avg_sq and Adam's scalar step for AdamW params).
+        assert bf16["state_bytes_per_muon_param"] == 8.0
+        assert 12.0 <= adam["state_bytes_per_adamw_param"] < 12.1
+        for row in (adam, bf16, fp32):
+            assert row["bytes_constant_over_steps"]
+        # Muon adds only its all-to-alls (and two small all-reduces); fp32 doubles them.
+        a2a_bf16 = [ops["all_to_all_single"]["sent"] for ops in bf16["by_op"]]
+        a2a_fp32 = [ops["all_to_all_single"]["sent"] for ops in fp32["by_op"]]
+        assert a2a_fp32 == [2 * x for x in a2a_bf16]
+        received = [ops["all_to_all_single"]["received"] for ops in bf16["by_op"]]
+        assert sum(a2a_bf16) == sum(received)
+        # Every shard crosses the wire at most once each way, 2 bytes per element in bf16.
+        assert sum(a2a_bf16) <= 2 * 2 * sum(bf16["muon_shard_numel"])
+        assert all("all_to_all_single" not in ops for ops in adam["by_op"])
+
+
+def test_cli_has_the_bench_subcommand(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0
+    assert "--layouts" in capsys.readouterr().out
