@@ -5,7 +5,7 @@ the update exactly scale * NS(grad). The worker also returns the full reduced gr
 the test recomputes that update on one device: with the split flag on, Newton-Schulz and the
 'moonlight' scale apply to each logical block (Q, K, V; SwiGLU gate, up) on its own; with it
 off, to the whole fused matrix. Each layout must match its own recomputation and not the
-other one.
+other one; with the flag on every block's singular values are ~1, with it off no block's are.
 """
 
 from __future__ import annotations
@@ -24,6 +24,13 @@ FC1 = "decoder.layers.0.mlp.linear_fc1.weight"
 FP32_TOLERANCE = 1e-5
 # Per-block and whole-matrix orthogonalization differ by far more than that (measured 0.38-0.78).
 DIFFERENT = 0.1
+# Singular values of a quintic-NS output of a full-rank input: 0.68-1.20 measured in
+# tests/unit_tests/test_newton_schulz.py; the same band here.
+QUINTIC_BAND = (0.65, 1.25)
+# LayerNorm's output is zero-mean over the hidden dimension, so a gradient whose input side is
+# the hidden size (Q, gate, up) is orthogonal to the all-ones vector: one exactly-zero
+# singular value that Newton-Schulz keeps at zero (measured ~1e-6).
+NULL_SINGULAR_VALUE = 1e-4
 
 
 def _one_step_update(rank: int, world: int, split: bool) -> dict[str, torch.Tensor] | None:
@@ -86,6 +93,22 @@ def _expected(grad: torch.Tensor, name: str, split: bool) -> torch.Tensor:
     return out
 
 
+def _block_singular_values_in_band(update: torch.Tensor, name: str) -> list[bool]:
+    """Per logical block: are its un-scaled singular values in the quintic band (at most one
+    LayerNorm null direction aside)?"""
+    verdicts = []
+    for rows in _blocks(update, name):
+        block = update[rows]
+        sv = torch.linalg.svdvals(block / update_scale("moonlight", *block.shape))
+        kept = sv[sv >= NULL_SINGULAR_VALUE]
+        verdicts.append(
+            len(sv) - len(kept) <= 1
+            and QUINTIC_BAND[0] <= float(kept.min())
+            and float(kept.max()) <= QUINTIC_BAND[1]
+        )
+    return verdicts
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -96,6 +119,9 @@ def _check(split: bool) -> None:
         own, other = _expected(grad, name, split), _expected(grad, name, not split)
         assert _rel(update, own) < FP32_TOLERANCE, (name, _rel(update, own))
         assert _rel(update, other) > DIFFERENT, (name, _rel(update, other))
+        in_band = _block_singular_values_in_band(update, name)
+        # Split: every block is orthogonal on its own. Fused: the blocks are not.
+        assert all(in_band) if split else not all(in_band), (name, in_band)
 
 
 def test_split_on_orthogonalizes_each_logical_block() -> None:
