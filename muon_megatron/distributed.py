@@ -35,7 +35,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from megatron.core import parallel_state
@@ -56,6 +56,7 @@ from muon_megatron.nonfinite import NonFiniteGradSkipMixin
 from muon_megatron.ownership import assign_owners
 from muon_megatron.routing import (
     MatrixSplit,
+    ModelShape,
     canonical_name,
     combine_tp_pieces,
     extract_pieces,
@@ -154,15 +155,7 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
 
         model_config = get_model_config(self.model_chunks[0])
         names = self._param_names()
-        heads = model_config.num_attention_heads
-        shape_args = dict(
-            num_attention_heads=heads,
-            num_query_groups=model_config.num_query_groups or heads,
-            kv_channels=model_config.kv_channels or model_config.hidden_size // heads,
-            gated_linear_unit=bool(model_config.gated_linear_unit),
-            hidden_size=model_config.hidden_size,
-            moe_ffn_hidden_size=model_config.moe_ffn_hidden_size,
-        )
+        shape_args = asdict(ModelShape.from_transformer_config(model_config))
         for buffer in self.buffers:
             for param in buffer.params:
                 if param not in group_of or not is_muon(names[param], param):

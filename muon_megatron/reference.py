@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,6 +26,7 @@ from muon_megatron.newton_schulz import (
 )
 from muon_megatron.routing import (
     MatrixSplit,
+    ModelShape,
     extract_pieces,
     insert_pieces,
     is_muon_param,
@@ -34,35 +34,8 @@ from muon_megatron.routing import (
     param_kind,
 )
 
-if TYPE_CHECKING:
-    from megatron.core.transformer import TransformerConfig
-
+# ModelShape lives in routing (it is what matrix_split needs); re-exported for callers.
 __all__ = ["ModelShape", "Muon", "megatron_no_weight_decay"]
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What `routing.matrix_split` needs to know about the model to split fused weights."""
-
-    num_attention_heads: int
-    num_query_groups: int
-    kv_channels: int
-    gated_linear_unit: bool
-    hidden_size: int
-    moe_ffn_hidden_size: int | None = None
-
-    @classmethod
-    def from_transformer_config(cls, cfg: TransformerConfig) -> ModelShape:
-        """Read megatron's `TransformerConfig`, filling its None defaults the way it does."""
-        heads = cfg.num_attention_heads
-        return cls(
-            num_attention_heads=heads,
-            num_query_groups=cfg.num_query_groups or heads,
-            kv_channels=cfg.kv_channels or cfg.hidden_size // heads,
-            gated_linear_unit=bool(cfg.gated_linear_unit),
-            hidden_size=cfg.hidden_size,
-            moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
-        )
 
 
 def megatron_no_weight_decay(name: str, param: Tensor) -> bool:

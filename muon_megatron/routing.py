@@ -17,17 +17,21 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from muon_megatron.config import MuonConfig
+
+if TYPE_CHECKING:
+    from megatron.core.transformer import TransformerConfig
 
 __all__ = [
     "ADAMW_NAME_PARTS",
     "is_muon_param",
     "param_kind",
     "MatrixSplit",
+    "ModelShape",
     "matrix_split",
     "extract_pieces",
     "insert_pieces",
@@ -144,6 +148,31 @@ def _qkv_row_groups(
         k.append((base + heads_per_group * head_dim, base + (heads_per_group + 1) * head_dim))
         v.append((base + (heads_per_group + 1) * head_dim, base + block))
     return (tuple(q), tuple(k), tuple(v))
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What `routing.matrix_split` needs to know about the model to split fused weights."""
+
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    gated_linear_unit: bool
+    hidden_size: int
+    moe_ffn_hidden_size: int | None = None
+
+    @classmethod
+    def from_transformer_config(cls, cfg: TransformerConfig) -> ModelShape:
+        """Read megatron's `TransformerConfig`, filling its None defaults the way it does."""
+        heads = cfg.num_attention_heads
+        return cls(
+            num_attention_heads=heads,
+            num_query_groups=cfg.num_query_groups or heads,
+            kv_channels=cfg.kv_channels or cfg.hidden_size // heads,
+            gated_linear_unit=bool(cfg.gated_linear_unit),
+            hidden_size=cfg.hidden_size,
+            moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        )
 
 
 def matrix_split(
