@@ -41,7 +41,7 @@ from megatron.core.dist_checkpointing.mapping import (
 )
 from megatron.core.optimizer import distrib_optimizer as _megatron_distrib_optimizer
 
-__all__ = ["MuonCheckpointMixin", "MUON_MOMENTUM", "MUON_MANIFEST", "SHARDING_TYPES"]
+__all__ = ["MuonCheckpointMixin", "reading_adamw_checkpoint", "MUON_MOMENTUM", "MUON_MANIFEST", "SHARDING_TYPES"]
 
 MUON_MOMENTUM = "muon_momentum"
 """State key of a Muon parameter's momentum in a checkpoint."""
@@ -60,6 +60,9 @@ class MuonCheckpointMixin:
     """
 
     _muon_gather_as_adam: bool = False
+    _reading_adamw_checkpoint: bool = False
+    """Set by `reading_adamw_checkpoint`: the checkpoint being loaded was written by AdamW,
+    so Muon parameters request AdamW's layout and take their momentum from `exp_avg`."""
     _steps_taken: int = 0
     """Optimizer steps of this member; what a checkpoint records as its AdamW 'step' when
     the member has no AdamW shard (an MoE expert optimizer is all Muon)."""
@@ -102,6 +105,14 @@ class MuonCheckpointMixin:
         main_param, state = self._main_param_and_state(model_param)
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(main_param, dtype=torch.float32)
+        if self._reading_adamw_checkpoint:
+            # AdamW's layout, to receive an AdamW checkpoint: exp_avg lands in the momentum,
+            # exp_avg_sq in scratch that _set_main_param_and_optimizer_states drops.
+            return {
+                "param": main_param,
+                "exp_avg": state["exp_avg"],
+                "exp_avg_sq": torch.empty_like(main_param, dtype=torch.float32),
+            }
         if self._muon_gather_as_adam:
             # Megatron's DP gather (get_parameter_state_dp_zero) packs exactly the keys
             # param/exp_avg/exp_avg_sq into per-buffer world tensors. The momentum rides in
@@ -122,6 +133,10 @@ class MuonCheckpointMixin:
                     "which converts a whole-run optimizer switch."
                 )
             return super()._set_main_param_and_optimizer_states(model_param, tensors)
+        if MUON_MOMENTUM not in tensors and self._reading_adamw_checkpoint:
+            # AdamW -> Muon: Muon's momentum is the same EMA of gradients as AdamW's exp_avg
+            # (m <- mu*m + (1-mu)*g with mu = beta1), so it carries over as it is.
+            tensors = {"param": tensors["param"], MUON_MOMENTUM: tensors["exp_avg"]}
         if MUON_MOMENTUM not in tensors:
             raise RuntimeError(
                 f"{names[model_param]}: the checkpoint has no Muon momentum for this Muon "
@@ -212,7 +227,7 @@ class MuonCheckpointMixin:
             sharding_type,
             metadata,
         )
-        if kind == "dp_reshardable":
+        if kind == "dp_reshardable" and not self._reading_adamw_checkpoint:
             state_dict[MUON_MANIFEST] = ShardedObject(
                 f"optimizer.distributed.dp_group_idx_{self.data_parallel_group_idx}.{MUON_MANIFEST}",
                 self._muon_manifest(),
@@ -229,6 +244,8 @@ class MuonCheckpointMixin:
             )
         if state is None:  # memory-efficient save: DP ranks > 0 hold nothing
             return None
+        if self._reading_adamw_checkpoint:
+            return state
         muon = self._muon_names()
         kinds: dict[str, set[bool]] = {}
         for param_idx, model_param in enumerate(self._params_in_checkpoint_order()):
@@ -252,16 +269,29 @@ class MuonCheckpointMixin:
 
     def sharded_param_state_dp_reshardable(self, model_sharded_state_dict, is_loading=False, metadata=None):
         state = super().sharded_param_state_dp_reshardable(model_sharded_state_dict, is_loading, metadata)
+        if self._reading_adamw_checkpoint:
+            return state
         muon = self._muon_names()
         for gbuf_idx, gbuf_range_maps in enumerate(self.gbuf_ranges):
             for dtype, range_maps in gbuf_range_maps.items():
                 for bucket_idx, range_map in enumerate(range_maps):
-                    params = list(range_map["param_map"])
-                    if any(p in muon for p in params):
+                    # Whether a bucket is packed is a property of the whole bucket, never of
+                    # this rank's slice: every DP rank must give a state key the same global
+                    # shape, and a rank whose slice holds only AdamW params (a large embedding
+                    # at DP >= 4) must still pack its exp_avg over the bucket's AdamW params.
+                    if self._bucket_has_muon(gbuf_idx, bucket_idx, muon):
                         self._pack_bucket_state(
-                            gbuf_idx, bucket_idx, params, state[gbuf_idx][dtype][bucket_idx], muon
+                            gbuf_idx,
+                            bucket_idx,
+                            list(range_map["param_map"]),
+                            state[gbuf_idx][dtype][bucket_idx],
+                            muon,
                         )
         return state
+
+    def _bucket_has_muon(self, gbuf_idx: int, bucket_idx: int, muon) -> bool:
+        index_map = self.buffers[gbuf_idx].param_index_map
+        return any(b == bucket_idx and p in muon for p, (_, _, b) in index_map.items())
 
     def _pack_bucket_state(self, gbuf_idx, bucket_idx, local_params, entries, muon) -> None:
         """Give each optimizer-state key of a bucket its own packed 1-D coordinate space.
@@ -340,3 +370,19 @@ def _rename_state(key: str, old: str, new: str) -> str:
     if marker not in key:
         raise RuntimeError(f"unexpected optimizer state key {key!r}: expected {marker}<param>")
     return key.replace(marker, f"optimizer.state.{new}.", 1)
+
+
+@contextlib.contextmanager
+def reading_adamw_checkpoint(members: list[MuonCheckpointMixin]) -> Iterator[None]:
+    """Within the block, `members` (the Muon optimizers of a run) build and load their
+    sharded state as AdamW's: a checkpoint written by megatron-core's distributed AdamW, in
+    either sharding type, loads into Muon with each Muon parameter's momentum taken from its
+    `exp_avg` (bitwise) and its `exp_avg_sq` dropped; AdamW parameters load as saved. Wrap
+    both the `sharded_state_dict(..., is_loading=True)` call and `load_state_dict`."""
+    for member in members:
+        member._reading_adamw_checkpoint = True
+    try:
+        yield
+    finally:
+        for member in members:
+            member._reading_adamw_checkpoint = False

@@ -37,6 +37,13 @@ LR, MIN_LR, WD = 2e-2, 2e-3, 0.1
 RESHARD_TOLERANCE = FP32_TOLERANCE
 
 MOE = {"num_experts": 4}
+# A word embedding (1024 x 64 = 65,536 elements, tied with the output layer) larger than one
+# DP slice of the single gradient bucket (~140k elements: 35k per rank at DP4, 17.5k at DP8),
+# so some rank's slice holds only AdamW params while the bucket holds Muon ones: the layout of
+# every real run at DP >= 4, where the bucket-space checkpoint used to disagree across ranks
+# on the global shape of exp_avg.
+WIDE = {"vocab_size": 1024}
+WIDE_MICRO_BATCH = 1  # DP8 x 1 = the global batch of 8
 
 
 @dataclasses.dataclass
@@ -53,6 +60,9 @@ class Job:
     compare_weights: str | None = None  # weights (tiny_gpt.save_model) to compare against
     nan_at: dict[int, tuple[int, str, float]] = dataclasses.field(default_factory=dict)
     not_muon: str | None = None  # params whose name contains this go to AdamW
+    spec: dict[str, Any] = dataclasses.field(default_factory=dict)  # ModelSpec overrides
+    megatron_lm_load: str | None = None  # sharding type: load as Megatron-LM's loop does
+    micro_batch: int = MICRO_BATCH
 
 
 # ---------------------------------------------------------------------------- the ranks
@@ -64,7 +74,7 @@ def _setup(job: Job):
     from muon_megatron.config import MuonConfig
     from muon_megatron.routing import is_muon_param
 
-    spec = tiny_gpt.ModelSpec(**(MOE if job.moe else {}))
+    spec = tiny_gpt.ModelSpec(**(MOE if job.moe else {}), **job.spec)
     layout = tiny_gpt.Layout(**job.layout)
     tiny_gpt.initialize_parallel(layout, SEED)
     model = tiny_gpt.build_model(spec, layout)
@@ -107,7 +117,50 @@ def _snapshot(model, optimizer) -> dict[str, dict[str, torch.Tensor]]:
             state = member.optimizer.state[main]
             out[name] = {"main": main.detach().clone()}
             out[name].update({k: v.detach().clone() for k, v in state.items()})
+            shard = member._get_model_param_range_map(param)["param"]
+            out.setdefault("ranges", {})[name] = (shard.start, shard.end)
     return out
+
+
+def _full_states(per_rank: list[dict], what: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Per parameter, its flat main param and optimizer-state tensors over the whole param,
+    assembled from every rank's ZeRO-1 shard: layout-independent across DP sizes."""
+    full: dict[str, dict[str, torch.Tensor]] = {}
+    for result in per_rank:
+        snapshot = result[what]
+        for name, (start, end) in snapshot.get("ranges", {}).items():
+            numel = snapshot["model"][name].numel()
+            for key, tensor in snapshot[name].items():
+                if tensor.dim() == 0:  # AdamW's step: one value, the same on every shard
+                    full.setdefault(name, {})[key] = tensor
+                    continue
+                flat = full.setdefault(name, {}).setdefault(key, torch.full((numel,), float("nan")))
+                flat[start:end] = tensor
+    return full
+
+
+def _megatron_lm_style_load(ckpt_dir: str, model, optimizer, sharding: str, read_adamw: bool) -> None:
+    """What Megatron-LM's load_checkpoint does with a torch_dist checkpoint (request the
+    sharded state dict, load, load_state_dict), with the AdamW-checkpoint mode that
+    muon_megatron.megatron_lm's hook turns on for an AdamW -> Muon switch."""
+    from megatron.core import dist_checkpointing
+
+    from muon_megatron import checkpointing
+    from muon_megatron.builder import muon_optimizers
+    from muon_megatron.checkpoint_state import reading_adamw_checkpoint
+
+    members = muon_optimizers(optimizer) if read_adamw else []
+    with reading_adamw_checkpoint(members), torch.no_grad():
+        model_sd = checkpointing._model_sharded_state_dict(model)
+        opt_sd = optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=checkpointing._metadata(sharding)
+        )
+        loaded = dist_checkpointing.load({**model_sd, "optimizer": opt_sd}, ckpt_dir)
+        for i, chunk in enumerate(model):
+            checkpointing._unwrap(chunk).load_state_dict(
+                loaded[checkpointing._chunk_key(i, len(model))], strict=True
+            )
+        optimizer.load_state_dict(loaded["optimizer"])
 
 
 def _muon_names(optimizer) -> list[str]:
@@ -146,7 +199,15 @@ def _run(rank: int, world: int, job: Job) -> dict[str, Any]:
     config.finalize_model_grads_func = finalize_with_fault
     out: dict[str, Any] = {"muon_names": _muon_names(optimizer), "steps": {}}
     start = 0
-    if job.load:
+    if job.load and job.megatron_lm_load:
+        _megatron_lm_style_load(
+            job.load, model, optimizer, job.megatron_lm_load, read_adamw=job.optimizer == "muon"
+        )
+        start = SAVE_AT
+        for _ in range(SAVE_AT):  # the schedule's own state is not what this load tests
+            scheduler.step(1)
+        out["after_load"] = _snapshot(model, optimizer)
+    elif job.load:
         start = checkpointing.load_checkpoint(job.load, model, optimizer, scheduler)
         out["after_load"] = _snapshot(model, optimizer)
     for step in range(start, job.steps + 1):
@@ -162,7 +223,7 @@ def _run(rank: int, world: int, job: Job) -> dict[str, Any]:
         before = _snapshot(model, optimizer) if step in job.nan_at else None
         batch = tiny_gpt.global_batch(step, spec, GLOBAL_BATCH, DATA_SEED)
         optimizer.zero_grad()
-        loss = tiny_gpt.forward_backward(model, batch, spec, MICRO_BATCH)
+        loss = tiny_gpt.forward_backward(model, batch, spec, job.micro_batch)
         success, _, _ = optimizer.step()
         if success:  # as megatron's training loop: the schedule advances on real updates
             scheduler.step(1)
@@ -315,6 +376,87 @@ def test_dp4_to_dp2_resume(root) -> None:
     spawn(_run, 4, Job(saves=[(ckpt, "fully_reshardable")], save_final_weights=final))
     errors = spawn(_run, 2, Job(load=ckpt, compare_weights=final))[0]["relative_update_error"]
     assert max(errors.values()) <= RESHARD_TOLERANCE, max(errors.items(), key=lambda kv: kv[1])
+
+
+# ---------------------------------------------------------------------------- DP4 / DP8
+def _wide_saving_run(root: str, world: int) -> dict[str, Any]:
+    ckpts = {k: os.path.join(root, f"wide_dp{world}_{k}") for k in ("fully_reshardable", "dp_reshardable")}
+    job = Job(spec=WIDE, micro_batch=WIDE_MICRO_BATCH, saves=[(d, k) for k, d in ckpts.items()])
+    return {"saving": spawn(_run, world, job), **ckpts}
+
+
+@pytest.fixture(scope="module")
+def wide_dp4(root) -> dict[str, Any]:
+    return _wide_saving_run(root, 4)
+
+
+@pytest.fixture(scope="module")
+def wide_dp8(root) -> dict[str, Any]:
+    return _wide_saving_run(root, 8)
+
+
+def test_wide_embedding_puts_an_adamw_only_slice_next_to_muon_params(wide_dp4, wide_dp8) -> None:
+    """The layout these tests exist for: in the one bucket that holds Muon matrices, some
+    rank's ZeRO-1 slice holds AdamW params only."""
+    for run in (wide_dp4, wide_dp8):
+        muon = set(run["saving"][0]["muon_names"])
+        slices = [set(r["at_save"]["ranges"]) for r in run["saving"]]
+        assert muon and any(names and not names & muon for names in slices), slices
+
+
+@pytest.mark.parametrize("world", [4, 8])
+@pytest.mark.parametrize("sharding", ["fully_reshardable", "dp_reshardable"])
+def test_wide_resume_is_bitwise(wide_dp4, wide_dp8, world, sharding) -> None:
+    run = {4: wide_dp4, 8: wide_dp8}[world]
+    resumed = spawn(_run, world, Job(spec=WIDE, micro_batch=WIDE_MICRO_BATCH, load=run[sharding]))
+    for rank, (saving, result) in enumerate(zip(run["saving"], resumed)):
+        _assert_bitwise(saving["at_save"], result["after_load"], f"rank{rank} after load")
+    _assert_runs_equal(run["saving"], resumed)  # params, main params, momentum, AdamW state
+
+
+@pytest.mark.parametrize(("source", "target"), [(4, 8), (8, 4)])
+@pytest.mark.parametrize("sharding", ["fully_reshardable", "dp_reshardable"])
+def test_wide_reshard_restores_every_state_tensor_bitwise(wide_dp4, wide_dp8, source, target, sharding) -> None:
+    """DP4 -> DP8 and DP8 -> DP4: the loaded ZeRO-1 shards, reassembled per parameter, are
+    the saved ones bit for bit (main params, Muon momentum, AdamW exp_avg / exp_avg_sq)."""
+    run = {4: wide_dp4, 8: wide_dp8}[source]
+    job = Job(spec=WIDE, micro_batch=WIDE_MICRO_BATCH, load=run[sharding], steps=SAVE_AT + 1)
+    resumed = spawn(_run, target, job)
+    saved, loaded = _full_states(run["saving"], "at_save"), _full_states(resumed, "after_load")
+    assert saved.keys() == loaded.keys() and saved
+    for name in saved:
+        assert saved[name].keys() == loaded[name].keys(), name
+        for key in saved[name]:
+            assert not torch.isnan(loaded[name][key]).any(), (name, key, "not covered by the shards")
+            torch.testing.assert_close(loaded[name][key], saved[name][key], rtol=0, atol=0, msg=f"{name}/{key}")
+    assert all(s["success"] for r in resumed for s in r["steps"].values())
+
+
+@pytest.fixture(scope="module")
+def wide_adam_dp4(root) -> dict[str, Any]:
+    ckpts = {k: os.path.join(root, f"wide_adam_{k}") for k in ("fully_reshardable", "dp_reshardable")}
+    job = Job(spec=WIDE, micro_batch=WIDE_MICRO_BATCH, optimizer="adam", steps=SAVE_AT, saves=[(d, k) for k, d in ckpts.items()])
+    return {"saving": spawn(_run, 4, job), **ckpts}
+
+
+@pytest.mark.parametrize("sharding", ["dp_reshardable", "fully_reshardable"])
+def test_adamw_checkpoint_loads_into_muon_through_megatron_lms_load_path(wide_adam_dp4, sharding) -> None:
+    """AdamW -> Muon through the calls Megatron-LM's load_checkpoint makes, at DP4: Muon
+    momentum <- exp_avg and weights bitwise, AdamW params' state as saved, training goes on."""
+    job = Job(spec=WIDE, micro_batch=WIDE_MICRO_BATCH, load=wide_adam_dp4[sharding], megatron_lm_load=sharding, steps=SAVE_AT + 2)
+    muon = spawn(_run, 4, job)
+    names = set(muon[0]["muon_names"])
+    saved, loaded = _full_states(wide_adam_dp4["saving"], "at_save"), _full_states(muon, "after_load")
+    assert names and saved.keys() == loaded.keys()
+    for name, state in loaded.items():
+        if name in names:
+            assert state.keys() == {"main", "exp_avg"}, (name, state.keys())
+            _assert_bitwise({"m": saved[name]["exp_avg"], "p": saved[name]["main"]}, {"m": state["exp_avg"], "p": state["main"]}, name)
+        else:
+            _assert_bitwise(saved[name], state, name)
+    for rank in range(4):
+        _assert_bitwise(wide_adam_dp4["saving"][rank]["at_save"]["model"], muon[rank]["after_load"]["model"])
+        assert all(s["success"] and torch.isfinite(torch.tensor(s["loss"])) for s in muon[rank]["steps"].values())
 
 
 # ---------------------------------------------------------------------------- determinism
