@@ -13,9 +13,21 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-__all__ = ["MuonConfig", "ScaleMode", "CoefficientSet", "NSDtype", "CommDtype"]
+__all__ = ["MuonConfig", "ScaleMode", "REFUSED_SCALE_MODES", "CoefficientSet", "NSDtype", "CommDtype"]
 
-ScaleMode = Literal["moonlight", "spectral", "none"]
+ScaleMode = Literal["moonlight", "shape_scaling", "unit_rms_norm", "none"]
+# Spellings refused with a message, never reinterpreted: "spectral" means sqrt(max(A, B)) in
+# megatron-core and emerging-optimizers but meant sqrt(max(1, A/B)) in muon-megatron 0.1, so
+# either reading would silently change somebody's launch script.
+REFUSED_SCALE_MODES: dict[str, str] = {
+    "spectral": (
+        "muon_scale_mode='spectral' (--muon-scale-mode spectral) is ambiguous and refused. "
+        "megatron-core's 'spectral' is sqrt(max(A, B)): write --muon-scale-mode moonlight "
+        "--muon-matched-adamw-rms 1.0 (times --muon-extra-scale-factor, as in megatron-core). "
+        "muon-megatron 0.1's 'spectral' was sqrt(max(1, A/B)): write --muon-scale-mode "
+        "shape_scaling."
+    ),
+}
 CoefficientSet = Literal["quintic", "polar_express"]
 NSDtype = Literal["bf16", "fp32"]
 CommDtype = Literal["fp32", "bf16"]
@@ -43,8 +55,16 @@ class MuonConfig:
     )
     muon_scale_mode: ScaleMode = _knob(
         "moonlight",
-        "Update scale for an A x B matrix: 'moonlight' = matched_adamw_rms*sqrt(max(A,B)) "
-        "(matches AdamW's update RMS), 'spectral' = sqrt(max(1, A/B)), 'none' = 1.",
+        "Update scale for an A x B (out x in) matrix, times --muon-extra-scale-factor: "
+        "'moonlight' = matched_adamw_rms*sqrt(max(A,B)) (matches AdamW's update RMS), "
+        "'shape_scaling' = sqrt(max(1, A/B)), 'unit_rms_norm' = sqrt(A/B) (both as in "
+        "megatron-core), 'none' = 1. 'spectral' is refused: it means different things in "
+        "megatron-core and muon-megatron 0.1.",
+    )
+    muon_extra_scale_factor: float = _knob(
+        1.0,
+        "Extra multiplier of the update scale in every mode (megatron-core's "
+        "--muon-extra-scale-factor, with its meaning).",
     )
     muon_matched_adamw_rms: float = _knob(
         0.2, "Target update RMS of the 'moonlight' scale mode (Moonlight uses 0.2)."
@@ -74,6 +94,8 @@ class MuonConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.muon_scale_mode in REFUSED_SCALE_MODES:
+            raise ValueError(REFUSED_SCALE_MODES[self.muon_scale_mode])
         _check_choice("muon_scale_mode", self.muon_scale_mode, ScaleMode)
         _check_choice("muon_coefficients", self.muon_coefficients, CoefficientSet)
         _check_choice("muon_ns_dtype", self.muon_ns_dtype, NSDtype)
@@ -84,6 +106,11 @@ class MuonConfig:
             )
         if self.muon_ns_steps < 1:
             raise ValueError(f"muon_ns_steps={self.muon_ns_steps} must be >= 1 (default 5).")
+        if not self.muon_extra_scale_factor > 0:
+            raise ValueError(
+                f"muon_extra_scale_factor={self.muon_extra_scale_factor} must be positive "
+                "(default 1.0)."
+            )
         if self.muon_bucket_mb <= 0:
             raise ValueError(f"muon_bucket_mb={self.muon_bucket_mb} must be positive.")
 

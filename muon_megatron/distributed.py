@@ -44,6 +44,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from muon_megatron.checkpoint_state import MuonCheckpointMixin
 from muon_megatron.config import MuonConfig
 from muon_megatron.grid import Grid, all_to_all, build_grid
+from muon_megatron.hang_watch import watched
 from muon_megatron.newton_schulz import (
     apply_update_,
     momentum_update_,
@@ -320,7 +321,9 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         per_matrix: dict[int, list[torch.Tensor]] = defaultdict(list)
         for (index, _), u in zip(jobs, results):
             r, c = u.shape
-            scaled = u.float() * update_scale(cfg.muon_scale_mode, r, c, cfg.muon_matched_adamw_rms)
+            scaled = u.float() * update_scale(
+                cfg.muon_scale_mode, r, c, cfg.muon_matched_adamw_rms, cfg.muon_extra_scale_factor
+            )
             per_matrix[index].append(scaled)
         updates = {}
         for index, matrices in per_matrix.items():
@@ -405,7 +408,8 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         stats[-1] = self._ns_seconds
         if self.grid.group is not None:
             stats = stats.to(self._device())
-            torch.distributed.all_reduce(stats, group=self.grid.group)
+            with watched("Muon metrics all_reduce", self.grid.group):
+                torch.distributed.all_reduce(stats, group=self.grid.group)
             stats = stats.cpu()
         metrics = {"muon/ns_seconds_local": self._ns_seconds, "muon/ns_seconds_grid": float(stats[-1])}
         for g in range(groups):

@@ -38,7 +38,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from muon_megatron.builder import get_muon_optimizer, muon_optimizers
-from muon_megatron.config import MuonConfig
+from muon_megatron.arguments import muon_config_from_args
 from muon_megatron.train_args import model_dims
 
 __all__ = [
@@ -208,7 +208,7 @@ def build_optimizer(
         overlap_param_gather=args.overlap_param_gather,
     )
     if args.optimizer == "muon":
-        optimizer = get_muon_optimizer(config, model, MuonConfig.from_namespace(args))
+        optimizer = get_muon_optimizer(config, model, muon_config_from_args(args))
     else:
         optimizer = get_megatron_optimizer(config, model)
     gbs = args.global_batch_size

@@ -116,23 +116,37 @@ def ns_flops(rows: int, cols: int, steps: int) -> int:
 
 
 def update_scale(
-    mode: ScaleMode, rows: int, cols: int, matched_adamw_rms: float = 0.2
+    mode: ScaleMode,
+    rows: int,
+    cols: int,
+    matched_adamw_rms: float = 0.2,
+    extra_scale_factor: float = 1.0,
 ) -> float:
-    """Multiplier of the orthogonalized update of a rows x cols (A x B) matrix.
+    """Multiplier of the orthogonalized update of a rows x cols (A x B, out x in) matrix.
 
     'moonlight': matched_adamw_rms * sqrt(max(A, B)). An orthogonal A x B matrix has RMS
     1/sqrt(max(A, B)), so this gives the update an RMS of `matched_adamw_rms`, the RMS of
     a typical AdamW update (Moonlight, arXiv 2502.16982, Sec. 2.2).
-    'spectral': sqrt(max(1, A / B)) (Keller Jordan's original Muon).
+    'shape_scaling': sqrt(max(1, A / B)) (Keller Jordan's original Muon), and
+    'unit_rms_norm': sqrt(A / B), both with megatron-core's names and meaning.
     'none': 1.
+    Every mode is multiplied by `extra_scale_factor` (megatron-core's
+    `muon_extra_scale_factor`).
     """
     if mode == "moonlight":
-        return matched_adamw_rms * math.sqrt(max(rows, cols))
-    if mode == "spectral":
-        return math.sqrt(max(1.0, rows / cols))
-    if mode == "none":
-        return 1.0
-    raise ValueError(f"scale_mode={mode!r} is unknown; use 'moonlight', 'spectral' or 'none'.")
+        scale = matched_adamw_rms * math.sqrt(max(rows, cols))
+    elif mode == "shape_scaling":
+        scale = math.sqrt(max(1.0, rows / cols))
+    elif mode == "unit_rms_norm":
+        scale = math.sqrt(rows / cols)
+    elif mode == "none":
+        scale = 1.0
+    else:
+        raise ValueError(
+            f"scale_mode={mode!r} is unknown; use 'moonlight', 'shape_scaling', "
+            "'unit_rms_norm' or 'none'."
+        )
+    return scale * extra_scale_factor
 
 
 def momentum_update_(buf: torch.Tensor, grad: torch.Tensor, momentum: float) -> torch.Tensor:

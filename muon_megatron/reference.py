@@ -153,7 +153,13 @@ class Muon(torch.optim.Optimizer):
             ortho = newton_schulz(
                 piece, cfg.muon_ns_steps, cfg.muon_coefficients, cfg.muon_ns_dtype, cfg.muon_eps
             )
-            scale = update_scale(cfg.muon_scale_mode, rows, cols, cfg.muon_matched_adamw_rms)
+            scale = update_scale(
+                cfg.muon_scale_mode,
+                rows,
+                cols,
+                cfg.muon_matched_adamw_rms,
+                cfg.muon_extra_scale_factor,
+            )
             pieces.append(ortho.float() * scale)
         return insert_pieces(torch.zeros_like(x_2d, dtype=torch.float32), split, pieces)
 

@@ -13,7 +13,7 @@ import math
 import re
 from typing import Any
 
-from muon_megatron.arguments import add_muon_config_args
+from muon_megatron.arguments import add_muon_config_args, muon_config_from_args
 from muon_megatron.data import VOCAB_SIZE
 
 __all__ = ["build_parser", "validate_args", "default_world_size", "moe_layer_pattern"]
@@ -221,6 +221,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
          f"({decay}, from --lr-decay-iters or --train-iters)")
     need(args.train_iters >= 1, f"--train-iters {args.train_iters} must be >= 1")
     need(args.log_interval >= 1, f"--log-interval {args.log_interval} must be >= 1")
+    if args.optimizer == "muon":
+        try:  # refused --muon-* flags (Megatron-LM's that we do not honour) and bad values
+            muon_config_from_args(args)
+        except ValueError as error:
+            errors.append(str(error))
     if errors:
         raise ValueError("invalid training arguments:\n  " + "\n  ".join(errors))
 

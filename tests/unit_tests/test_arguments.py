@@ -17,7 +17,7 @@ from muon_megatron.arguments import (
     muon_extra_args_provider,
     muon_flag,
 )
-from muon_megatron.config import MuonConfig
+from muon_megatron.config import REFUSED_SCALE_MODES, MuonConfig
 
 FIELDS = dataclasses.fields(MuonConfig)
 DOCS_FLAGS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "flags.md"
@@ -64,9 +64,12 @@ def test_literal_fields_accept_exactly_their_choices() -> None:
     actions = _actions_by_flag(_parser())
     for f in FIELDS:
         if typing.get_origin(hints[f.name]) is typing.Literal:
-            assert tuple(actions[muon_flag(f.name)].choices) == typing.get_args(hints[f.name])
+            # Refused spellings get through argparse so that MuonConfig says why.
+            refused = tuple(REFUSED_SCALE_MODES) if f.name == "muon_scale_mode" else ()
+            choices = typing.get_args(hints[f.name]) + refused
+            assert tuple(actions[muon_flag(f.name)].choices) == choices
     with pytest.raises(SystemExit):
-        _parser().parse_args(["--muon-scale-mode", "unit_rms_norm"])
+        _parser().parse_args(["--muon-scale-mode", "adam"])
 
 
 def test_values_reach_the_config() -> None:

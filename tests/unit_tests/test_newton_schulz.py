@@ -164,9 +164,19 @@ def test_coefficient_schedule_rejects_bad_input() -> None:
 def test_update_scale_documented_values() -> None:
     assert update_scale("moonlight", 1024, 4096) == 0.2 * 64 == 12.8
     assert update_scale("moonlight", 4096, 1024, matched_adamw_rms=0.25) == 16.0
-    assert update_scale("spectral", 4096, 1024) == 2.0
-    assert update_scale("spectral", 1024, 4096) == 1.0
+    # megatron-core's names with megatron-core's meaning (emerging_optimizers'
+    # get_muon_scale_factor(size_out, size_in, mode)).
+    assert update_scale("shape_scaling", 4096, 1024) == 2.0
+    assert update_scale("shape_scaling", 1024, 4096) == 1.0
+    assert update_scale("unit_rms_norm", 1024, 4096) == 0.5
+    assert update_scale("unit_rms_norm", 4096, 1024) == 2.0
     assert update_scale("none", 4096, 1024) == 1.0
+    # The extra factor multiplies every mode (megatron-core's muon_extra_scale_factor); 0.2
+    # on top of sqrt(max(A, B)) is exactly the moonlight scale.
+    assert update_scale("moonlight", 1024, 4096, 1.0, extra_scale_factor=0.2) == 0.2 * 64
+    assert update_scale("shape_scaling", 4096, 1024, extra_scale_factor=0.5) == 1.0
+    with pytest.raises(ValueError, match="unit_rms_norm"):
+        update_scale("spectral", 4, 4)
     with pytest.raises(ValueError, match="'adam'"):
         update_scale("adam", 4, 4)
 
