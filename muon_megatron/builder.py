@@ -18,9 +18,10 @@ import torch
 
 from muon_megatron.config import MuonConfig
 from muon_megatron.distributed import MuonDistributedOptimizer
+from muon_megatron.nonfinite import check_once_per_step
 from muon_megatron.routing import is_muon_param
 
-__all__ = ["get_muon_optimizer", "muon_optimizers", "check_supported"]
+__all__ = ["get_muon_optimizer", "muon_optimizers", "muon_metrics", "check_supported"]
 
 
 def check_supported(config) -> None:
@@ -90,16 +91,45 @@ def get_muon_optimizer(
         MuonDistributedOptimizer, muon_config=muon_config or MuonConfig(), is_muon=is_muon
     )
     with _muon_as_distributed_optimizer(factory):
-        return get_megatron_optimizer(
+        optimizer = get_megatron_optimizer(
             adam_config,
             model_chunks,
             config_overrides=config_overrides,
             use_gloo_process_groups=use_gloo_process_groups,
             pg_collection=pg_collection,
         )
+    check_once_per_step(optimizer)
+    return optimizer
 
 
 def muon_optimizers(optimizer) -> list[MuonDistributedOptimizer]:
     """The MuonDistributedOptimizers inside a (possibly chained) Megatron optimizer."""
     members = getattr(optimizer, "chained_optimizers", [optimizer])
     return [o for o in members if isinstance(o, MuonDistributedOptimizer)]
+
+
+def muon_metrics(optimizer) -> dict[str, float]:
+    """Muon's metrics after the last step, for a training loop's log: `muon/update_rms` (mean
+    over the Muon param groups of every member, the figure to watch against AdamW's ~0.2),
+    `muon/update_rms/<member>/group<g>` per group, `muon/ns_seconds` (this rank's
+    Newton-Schulz time, all members) and `muon/skipped_steps` (non-finite steps so far).
+    Empty for an optimizer without Muon members. Host-side floats: no collective runs."""
+    from muon_megatron.nonfinite import skipped_steps
+
+    members = muon_optimizers(optimizer)
+    if not members:
+        return {}
+    out: dict[str, float] = {}
+    rms: list[float] = []
+    ns_seconds = 0.0
+    for index, member in enumerate(members):
+        for name, value in member.muon_metrics.items():
+            if name.startswith("muon/update_rms/"):
+                out[f"muon/update_rms/member{index}/{name.rsplit('/', 1)[1]}"] = value
+                rms.append(value)
+        ns_seconds += member.muon_metrics.get("muon/ns_seconds_local", 0.0)
+    if rms:
+        out["muon/update_rms"] = sum(rms) / len(rms)
+    out["muon/ns_seconds"] = ns_seconds
+    out["muon/skipped_steps"] = float(skipped_steps(optimizer))
+    return out

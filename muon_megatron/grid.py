@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from muon_megatron.hang_watch import watched
+
 __all__ = ["Grid", "build_grid", "all_to_all"]
 
 
@@ -52,7 +54,8 @@ def build_grid(tp_group: dist.ProcessGroup, dp_group: dist.ProcessGroup) -> Grid
         dp_group.rank(),
     )
     everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, info)
+    with watched("Muon grid construction all_gather_object"):
+        dist.all_gather_object(everyone, info)
 
     def grid_of(rank: int) -> tuple[int, ...]:
         _, dp_ranks, _, _ = everyone[rank]
@@ -88,11 +91,12 @@ def all_to_all(
     send = torch.cat([c.to(dtype) for c in chunks_out]) if chunks_out else None
     send = send if send is not None else torch.empty(0, dtype=dtype, device=device)
     recv = torch.empty(sum(sizes_in), dtype=dtype, device=device)
-    dist.all_to_all_single(
-        recv,
-        send,
-        output_split_sizes=list(sizes_in),
-        input_split_sizes=[c.numel() for c in chunks_out],
-        group=grid.group,
-    )
+    with watched("Muon grid all_to_all", grid.group):
+        dist.all_to_all_single(
+            recv,
+            send,
+            output_split_sizes=list(sizes_in),
+            input_split_sizes=[c.numel() for c in chunks_out],
+            group=grid.group,
+        )
     return list(recv.split(list(sizes_in)))

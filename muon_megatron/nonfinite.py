@@ -4,12 +4,13 @@ Megatron only checks for inf/NaN when an fp16 grad scaler is present. For bf16/f
 non-finite gradient would flow into Newton-Schulz (which normalises by the Frobenius norm:
 the whole matrix becomes NaN) and into the momentum, poisoning every later step.
 
-`NonFiniteGradSkipMixin.prepare_grads` (Megatron's hook that returns `found_inf`) checks the
-reduced gradient shards of *all* the model's grad buffers on this rank (dense and expert) and
-all-reduces the verdict over the optimizer's grad-stats group (every rank of the
-distributed-optimizer instance: TP, PP, DP and EP together). Every member of a
-`ChainedOptimizer` therefore returns the same flag on every rank, `ChainedOptimizer.step()`
-returns `update_successful=False` before clipping, and nothing is touched: params, momentum,
+`prepare_grads` (Megatron's hook that returns `found_inf`) checks the reduced gradient shards
+of *all* the model's grad buffers on this rank (dense and expert) once per step, and
+all-reduces the verdict over the optimizers' shared grad-stats group (every rank of the
+distributed-optimizer instance: TP, PP, DP and EP together): `check_once_per_step` makes the
+`ChainedOptimizer` do it for all its members. Every rank therefore gets the same flag,
+`ChainedOptimizer.step()` returns `update_successful=False` before clipping, and nothing is
+touched: params, momentum,
 AdamW moments and steps stay bitwise as they were. Each member counts the skip in
 `skipped_steps`; the run goes on with the next batch (a training loop does not advance the
 lr schedule for an unsuccessful step).
@@ -23,7 +24,9 @@ import torch
 from megatron.core.distributed.param_and_grad_buffer import shard_buffer
 from megatron.core.utils import log_single_rank
 
-__all__ = ["NonFiniteGradSkipMixin", "skipped_steps"]
+from muon_megatron.hang_watch import watched
+
+__all__ = ["NonFiniteGradSkipMixin", "check_once_per_step", "check_nonfinite", "skipped_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,48 +34,78 @@ logger = logging.getLogger(__name__)
 class NonFiniteGradSkipMixin:
     """Adds the non-finite check to a Megatron `DistributedOptimizer` subclass.
 
-    Cost: one `isfinite` pass over this rank's reduced grad shards per chained member and one
-    all-reduce of two numbers per step.
+    Cost: one `isfinite` pass over this rank's reduced grad shards and one all-reduce of two
+    numbers per step, for the whole chained optimizer (`check_once_per_step`). Every rank
+    makes exactly one such all-reduce per step whatever members it has: a pipeline stage
+    without expert parameters has no expert member, and one all-reduce per member would
+    leave the ranks of different stages in different collectives.
     """
 
     skipped_steps: int = 0
     """Steps skipped because some gradient on some rank was NaN or Inf."""
+    _chain_checks_nonfinite: bool = False
 
     @torch.no_grad()
     def prepare_grads(self) -> bool:
         found_inf = super().prepare_grads()
-        device = _device(self)
-        flags = torch.stack(
-            [_nonfinite(_model_buffers(self), device), _nonfinite(getattr(self, "buffers", []), device)]
-        ).float()
-        torch.distributed.all_reduce(flags, group=self.get_grad_stats_parallel_group())
-        model_ranks, own_ranks = (int(v) for v in flags.tolist())
-        if model_ranks == 0:
+        if self._chain_checks_nonfinite:
             return found_inf
-        self.skipped_steps += 1
-        if own_ranks:
-            kind = "expert" if _is_expert(self) else "dense"
+        return check_nonfinite([self]) or found_inf
+
+
+def check_once_per_step(optimizer) -> None:
+    """Make a `ChainedOptimizer` of several of our members check once per step, for all of
+    them (a single member checks itself)."""
+    members = [
+        m for m in getattr(optimizer, "chained_optimizers", []) if isinstance(m, NonFiniteGradSkipMixin)
+    ]
+    if len(members) < 2 or not optimizer.grads_states_parallel_group_is_shared():
+        return
+    for member in members:
+        member._chain_checks_nonfinite = True
+    prepare_members = optimizer.prepare_grads
+
+    def prepare_grads() -> bool:
+        found_inf = prepare_members()
+        return check_nonfinite(members) or found_inf
+
+    optimizer.prepare_grads = prepare_grads
+
+
+@torch.no_grad()
+def check_nonfinite(members: list) -> bool:
+    """Whether any rank's reduced gradient is NaN/Inf, for `members` (the optimizers of one
+    rank, sharing one grad-stats group); counts and logs a skip on each of them."""
+    first = members[0]
+    device = _device(first)
+    chunks = getattr(first, "model_chunks", None) or []
+    dense = [b for chunk in chunks for b in getattr(chunk, "buffers", [])]
+    expert = [b for chunk in chunks for b in getattr(chunk, "expert_parallel_buffers", [])]
+    flags = torch.stack([_nonfinite(dense, device), _nonfinite(expert, device)]).float()
+    group = first.get_grad_stats_parallel_group()
+    with watched("non-finite gradient check all_reduce", group):
+        torch.distributed.all_reduce(flags, group=group)
+    dense_ranks, expert_ranks = (int(v) for v in flags.tolist())
+    if dense_ranks == expert_ranks == 0:
+        return False
+    for member in members:
+        member.skipped_steps += 1
+    for kind, ranks in (("dense", dense_ranks), ("expert", expert_ranks)):
+        if ranks:
             log_single_rank(
                 logger,
                 logging.WARNING,
-                f"muon_megatron: non-finite gradient in the {kind} parameters on {own_ranks} "
+                f"muon_megatron: non-finite gradient in the {kind} parameters on {ranks} "
                 "rank(s); this step is skipped on every rank (params, momentum and AdamW state "
-                f"unchanged); skipped_steps={self.skipped_steps}",
+                f"unchanged); skipped_steps={first.skipped_steps}",
             )
-        return True
+    return True
 
 
 def skipped_steps(optimizer) -> int:
     """Skipped steps of a (possibly chained) optimizer; every member counts the same steps."""
     members = getattr(optimizer, "chained_optimizers", [optimizer])
     return max((getattr(m, "skipped_steps", 0) for m in members), default=0)
-
-
-def _model_buffers(optimizer) -> list:
-    buffers = []
-    for chunk in getattr(optimizer, "model_chunks", None) or []:
-        buffers += list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", []))
-    return buffers
 
 
 def _nonfinite(buffers, device: torch.device) -> torch.Tensor:
@@ -90,14 +123,8 @@ def _nonfinite(buffers, device: torch.device) -> torch.Tensor:
 
 
 def _device(optimizer) -> torch.device:
-    buffers = _model_buffers(optimizer)
-    if buffers:
-        return buffers[0].grad_data.device
+    for chunk in getattr(optimizer, "model_chunks", None) or []:
+        for buffer in list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", [])):
+            return buffer.grad_data.device
     # A stub optimizer still joins the all-reduce, on the backend's device.
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _is_expert(optimizer) -> bool:
-    inner = getattr(optimizer, "optimizer", None)
-    groups = inner.param_groups if inner is not None else []
-    return any(g.get("is_expert_parallel", False) for g in groups)
