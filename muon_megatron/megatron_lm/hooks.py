@@ -1,4 +1,4 @@
-"""Megatron-LM integration: `--optimizer muon` builds muon-megatron's ZeRO-1 Muon.
+"""`install()`: Megatron-LM's `--optimizer muon` builds muon-megatron's ZeRO-1 Muon.
 
 Megatron-LM's `setup_model_and_optimizer` (megatron/training/training.py) builds the
 optimizer through names it imported into `megatron.training.training`: `get_megatron_optimizer`
@@ -6,15 +6,20 @@ optimizer through names it imported into `megatron.training.training`: `get_mega
 core_v0.16), `get_megatron_muon_optimizer` for any `--optimizer` containing "muon".
 `install()` rebinds both names there to a dispatcher: `--optimizer muon` goes to
 `muon_megatron.get_muon_optimizer` (with the `--muon-*` flags as `MuonConfig`), everything
-else (adam, sgd, Megatron's own `dist_muon`) to the original function, unchanged.
+else (adam, sgd) to the original function, unchanged. It also rebinds, in the same module,
+`training_log` (Muon's metrics at `--log-interval`, `metrics.py`) and `load_checkpoint`
+(optimizer switches, `checkpoints.py`).
 
 `validate_args` rejects `--optimizer muon` together with `--use-distributed-optimizer`
-("Muon optimizer does not support distributed optimizer for now") -- a statement about
-megatron-core's own Muon. `install()` wraps `validate_args` where `initialize_megatron`
-looks it up so that, for `--optimizer muon`, Megatron validates the run exactly as the
-ZeRO-1 AdamW run it is underneath (muon-megatron's own checks run when the optimizer is
-built: `builder.check_supported`). `patches/` has the same change as a source patch for
-those who would rather patch Megatron-LM than wrap it.
+("Muon optimizer does not support distributed optimizer for now"; core_v0.19 instead turns
+the run into its layer-wise optimizer) -- statements about megatron-core's own Muon.
+`install()` wraps `validate_args` where `initialize_megatron` looks it up so that, for
+`--optimizer muon`, muon-megatron's own checks run first (every `--muon-*` flag Megatron-LM
+defines is honoured with its meaning or refused, the checkpoint format, the optimizer
+settings), then Megatron validates the run exactly as the ZeRO-1 AdamW run it is underneath,
+while its argument dump still prints `optimizer ... muon`. `patches/` has a source patch for
+those who would rather patch Megatron-LM than wrap it; the patched path calls
+`require_installed()`, so forgetting `install()` fails at validation with the fix named.
 
 Use from a Megatron-LM training script:
 
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import runpy
 import sys
@@ -42,19 +48,30 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from muon_megatron.arguments import chain_extra_args_providers, muon_extra_args_provider
+from muon_megatron.arguments import (
+    chain_extra_args_providers,
+    defaults_differing_from_megatron_lm,
+    muon_config_from_args,
+    muon_extra_args_provider,
+)
 from muon_megatron.config import MuonConfig
 
-__all__ = ["install", "is_installed", "MUON_OPTIMIZER_NAME"]
+__all__ = ["install", "is_installed", "require_installed", "main", "MUON_OPTIMIZER_NAME"]
+
+logger = logging.getLogger(__name__)
 
 MUON_OPTIMIZER_NAME = "muon"
-"""The `--optimizer` value that selects muon-megatron (Megatron-LM's `dist_muon` stays theirs)."""
+"""The `--optimizer` value that selects muon-megatron."""
 
 _MARK = "__muon_megatron_hook__"
 _BUILDER_NAMES = ("get_megatron_optimizer", "get_megatron_muon_optimizer")
 # Keyword arguments Megatron-LM passes that get_muon_optimizer does not take, and why they
 # can be dropped: a debugging dump, and the layer-wise optimizer of Megatron's own dist_muon.
 _DROPPED_KWARGS = ("dump_param_to_param_group_map", "layer_wise_distributed_optimizer")
+# The only checkpoint format whose optimizer path (sharded_state_dict) carries Muon momentum.
+# 'torch' goes through save_parameter_state (one gathered legacy file per DP group),
+# 'fsdp_dtensor' and the others belong to FSDP.
+_SUPPORTED_CKPT_FORMAT = "torch_dist"
 
 
 def _import_megatron_lm() -> dict[str, types.ModuleType]:
@@ -79,21 +96,41 @@ def is_installed() -> bool:
     return training is not None and getattr(training.get_megatron_optimizer, _MARK, False)
 
 
+def require_installed() -> None:
+    """Raise ValueError unless `install()` has run: what `patches/`'s patched validate_args
+    calls for `--optimizer muon --use-distributed-optimizer`, so that forgetting `install()`
+    fails at validation instead of reaching megatron-core's own Muon."""
+    if not is_installed():
+        raise ValueError(
+            "--optimizer muon --use-distributed-optimizer is muon-megatron's ZeRO-1 Muon, but "
+            "muon_megatron.megatron_lm.install() has not run in this process: call it before "
+            "pretrain(...), or launch with `python -m muon_megatron.megatron_lm "
+            "pretrain_gpt.py ...`."
+        )
+
+
 def install(*, add_args: bool = False, wrap_validate_args: bool = True) -> None:
     """Hook Megatron-LM so that `--optimizer muon` builds muon-megatron's optimizer.
 
     Idempotent. With `add_args=True` the `--muon-*` flags are also added to every parse of
     Megatron-LM's arguments (no `extra_args_provider` needed). `wrap_validate_args=False`
-    leaves `validate_args` alone, for a Megatron-LM with `patches/`'s patch applied. Raises
-    ImportError when Megatron-LM (`megatron.training`) is not importable.
+    leaves `validate_args` alone, for a Megatron-LM with `patches/`'s patch applied (our
+    checks then run when the optimizer is built). Raises ImportError when Megatron-LM
+    (`megatron.training`) is not importable.
     """
+    from muon_megatron.megatron_lm import checkpoints, metrics
+
     modules = _import_megatron_lm()
+    get_args = modules["global_vars"].get_args
+    training = modules["training"]
     _install_into(
-        training=modules["training"],
+        training=training,
         validators=(modules["initialize"], modules["arguments"]) if wrap_validate_args else (),
-        get_args=modules["global_vars"].get_args,
+        get_args=get_args,
         parsers=(modules["initialize"], modules["arguments"]) if add_args else (),
     )
+    _rebind(training, "training_log", lambda f: metrics.logging_muon_metrics(f, get_args))
+    _rebind(training, "load_checkpoint", lambda f: checkpoints.loading_across_optimizers(f, get_args))
 
 
 def _install_into(
@@ -107,17 +144,17 @@ def _install_into(
     (optionally) `parse_args` in each of `parsers`. Split out of `install` so that the hooks
     are unit-tested without Megatron-LM."""
     for name in _BUILDER_NAMES:
-        original = getattr(training, name, None)
-        if original is not None and not getattr(original, _MARK, False):
-            setattr(training, name, _dispatching_builder(original, get_args))
+        _rebind(training, name, lambda f: _dispatching_builder(f, get_args))
     for module in validators:
-        original = getattr(module, "validate_args", None)
-        if original is not None and not getattr(original, _MARK, False):
-            module.validate_args = _validating(original)
+        _rebind(module, "validate_args", _validating)
     for module in parsers:
-        original = getattr(module, "parse_args", None)
-        if original is not None and not getattr(original, _MARK, False):
-            module.parse_args = _parsing_with_muon_flags(original)
+        _rebind(module, "parse_args", _parsing_with_muon_flags)
+
+
+def _rebind(module: Any, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    original = getattr(module, name, None)
+    if original is not None and not getattr(original, _MARK, False):
+        setattr(module, name, _marked(wrap(original)))
 
 
 def _marked(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -140,16 +177,21 @@ def _dispatching_builder(
             )
         if kwargs.get("layer_wise_distributed_optimizer"):
             raise ValueError(
-                "layer_wise_distributed_optimizer=True belongs to Megatron's own 'dist_muon'; "
+                "layer_wise_distributed_optimizer=True belongs to megatron-core's own Muon; "
                 "use --optimizer muon --use-distributed-optimizer for muon-megatron."
             )
         from muon_megatron.builder import get_muon_optimizer
+        from muon_megatron.megatron_lm import metrics
 
-        muon_config = _muon_config_from(get_args())
+        args = get_args()
+        _check_muon_run(args)  # again: with patches/ applied, validate_args is not wrapped
+        muon_config = _muon_config_from(args)
         known = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
-        return get_muon_optimizer(config, model_chunks, muon_config, **known)
+        optimizer = get_muon_optimizer(config, model_chunks, muon_config, **known)
+        metrics.remember_optimizer(optimizer)
+        return optimizer
 
-    return _marked(build)
+    return build
 
 
 def _muon_config_from(args: argparse.Namespace) -> MuonConfig:
@@ -162,31 +204,98 @@ def _muon_config_from(args: argparse.Namespace) -> MuonConfig:
             "extra_args_provider=muon_megatron.arguments.muon_extra_args_provider to pretrain() "
             "or call muon_megatron.megatron_lm.install(add_args=True)."
         )
-    return MuonConfig.from_namespace(args)
+    return muon_config_from_args(args)
+
+
+def _check_muon_run(args: argparse.Namespace) -> None:
+    """muon-megatron's checks of a `--optimizer muon` run, before Megatron's own."""
+    from muon_megatron.builder import check_supported
+
+    if not getattr(args, "use_distributed_optimizer", False):
+        raise ValueError(
+            "--optimizer muon (muon-megatron) is a ZeRO-1 DistributedOptimizer: add "
+            "--use-distributed-optimizer."
+        )
+    _muon_config_from(args)
+    check_supported(args)  # the OptimizerConfig fields it reads are Megatron-LM's arg names
+    for flag in ("use_torch_fsdp2", "use_megatron_fsdp"):
+        if getattr(args, flag, False):
+            raise ValueError(
+                f"--{flag.replace('_', '-')} with --optimizer muon: muon-megatron is a ZeRO-1 "
+                "DistributedOptimizer; use --use-distributed-optimizer without FSDP."
+            )
+    ckpt_format = getattr(args, "ckpt_format", _SUPPORTED_CKPT_FORMAT)
+    if ckpt_format != _SUPPORTED_CKPT_FORMAT and (getattr(args, "save", None) or getattr(args, "load", None)):
+        raise ValueError(
+            f"--ckpt-format {ckpt_format} cannot hold Muon momentum: it saves the distributed "
+            "optimizer outside dist_checkpointing's sharded state dict. Use --ckpt-format "
+            "torch_dist (Megatron-LM's default; add --dist-ckpt-optim-fully-reshardable to "
+            "change TP/PP/EP on resume)."
+        )
 
 
 def _validating(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def validate_args(args: argparse.Namespace, *rest: Any, **kwargs: Any) -> Any:
-        if getattr(args, "optimizer", None) != MUON_OPTIMIZER_NAME:
+        optimizer = getattr(args, "optimizer", None)
+        if optimizer != MUON_OPTIMIZER_NAME:
+            if optimizer and "muon" in optimizer and hasattr(args, "muon_matched_adamw_rms"):
+                raise ValueError(
+                    f"--optimizer {optimizer} is megatron-core's own Muon, but muon-megatron's "
+                    "--muon-* flags have replaced Megatron-LM's here, so megatron-core's Muon "
+                    "would not see them. Use --optimizer muon --use-distributed-optimizer for "
+                    "muon-megatron, or launch without muon_megatron for megatron-core's Muon."
+                )
             return original(args, *rest, **kwargs)
-        if not getattr(args, "use_distributed_optimizer", False):
-            raise ValueError(
-                "--optimizer muon (muon-megatron) is a ZeRO-1 DistributedOptimizer: add "
-                "--use-distributed-optimizer (or use --optimizer dist_muon for Megatron's own)."
-            )
+        _check_muon_run(args)
         # Megatron's Muon checks describe megatron-core's Muon, not this one: validate the run
-        # as the ZeRO-1 AdamW run it is underneath, then restore the name.
-        args.optimizer = "adam"
-        try:
+        # as the ZeRO-1 AdamW run it is underneath, and restore the name for the argument
+        # dump Megatron prints at the end of validation, and afterwards.
+        with _validated_as_adam(original, args):
             result = original(args, *rest, **kwargs)
-        finally:
-            args.optimizer = MUON_OPTIMIZER_NAME
         if result is not None and result is not args:
             result.optimizer = MUON_OPTIMIZER_NAME
+        differing = defaults_differing_from_megatron_lm(args)
+        if differing and getattr(args, "rank", 0) == 0:
+            logger.warning(
+                "muon-megatron: Muon defaults that differ from Megatron-LM's defaults for "
+                "megatron-core's Muon: %s.",
+                "; ".join(differing),
+            )
         return result
 
-    return _marked(validate_args)
+    return validate_args
+
+
+class _validated_as_adam:
+    """`args.optimizer` reads 'adam' inside `validate`, 'muon' in its `_print_args` (the
+    argument dump) and after it."""
+
+    def __init__(self, validate: Callable[..., Any], args: argparse.Namespace) -> None:
+        self.namespace = getattr(validate, "__globals__", {})
+        self.printer = self.namespace.get("_print_args")
+        self.args = args
+
+    def __enter__(self) -> None:
+        self.args.optimizer = "adam"
+        if self.printer is not None:
+            printer, args = self.printer, self.args
+
+            def print_args(title: str, namespace: Any, *rest: Any, **kwargs: Any) -> Any:
+                if namespace is args:
+                    args.optimizer = MUON_OPTIMIZER_NAME
+                try:
+                    return printer(title, namespace, *rest, **kwargs)
+                finally:
+                    if namespace is args:
+                        args.optimizer = "adam"
+
+            self.namespace["_print_args"] = print_args
+
+    def __exit__(self, *exc: object) -> None:
+        self.args.optimizer = MUON_OPTIMIZER_NAME
+        if self.printer is not None:
+            self.namespace["_print_args"] = self.printer
 
 
 def _parsing_with_muon_flags(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -195,7 +304,19 @@ def _parsing_with_muon_flags(original: Callable[..., Any]) -> Callable[..., Any]
         provider = chain_extra_args_providers(muon_extra_args_provider, extra_args_provider)
         return original(provider, *rest, **kwargs)
 
-    return _marked(parse_args)
+    return parse_args
+
+
+def _install_cpu_stand_ins_without_cuda() -> None:
+    """On a machine without CUDA (CI, a laptop), Megatron-LM's training package needs CPU
+    stand-ins (`muon_megatron.testing.megatron_lm_shims`); a GPU run never loads them."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from muon_megatron.testing.megatron_lm_shims import install_megatron_lm_cpu_shims
+
+    install_megatron_lm_cpu_shims()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,10 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m muon_megatron.megatron_lm pretrain_gpt.py [args...]")
     # As `python SCRIPT.py` would: the script's directory (the Megatron-LM checkout) first.
     sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+    _install_cpu_stand_ins_without_cuda()
     install(add_args=True)
     sys.argv = argv
     runpy.run_path(argv[0], run_name="__main__")
-
-
-if __name__ == "__main__":
-    main()

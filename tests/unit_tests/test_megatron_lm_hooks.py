@@ -11,15 +11,30 @@ import types
 
 import pytest
 
-from muon_megatron import builder, megatron_lm
+from muon_megatron import builder
+from muon_megatron.megatron_lm import checkpoints, hooks, metrics
 from muon_megatron.arguments import muon_extra_args_provider
 from muon_megatron.config import MuonConfig
 
 
+PRINTED: list[str] = []
+
+
+def _print_args(title: str, args: argparse.Namespace) -> None:
+    """Stands in for megatron.training.arguments._print_args (the argument dump)."""
+    PRINTED.append(args.optimizer)
+
+
 def _megatron_args(**overrides: object) -> argparse.Namespace:
     args = muon_extra_args_provider(argparse.ArgumentParser()).parse_args([])
+    # The Megatron-LM arguments the validation reads, at Megatron-LM's defaults.
     args.optimizer = "muon"
     args.use_distributed_optimizer = True
+    args.fp16 = False
+    args.optimizer_cpu_offload = False
+    args.use_precision_aware_optimizer = False
+    args.ckpt_format = "torch_dist"
+    args.save = args.load = None
     for key, value in overrides.items():
         setattr(args, key, value)
     return args
@@ -37,11 +52,12 @@ def _stand_ins(args: argparse.Namespace) -> tuple[types.SimpleNamespace, list, l
         seen_optimizer_names.append(a.optimizer)
         if "muon" in a.optimizer and a.use_distributed_optimizer:
             raise AssertionError("Muon optimizer does not support distributed optimizer for now.")
+        _print_args("arguments", a)  # as Megatron-LM's validate_args ends
         return a
 
     training = types.SimpleNamespace(get_megatron_optimizer=get_megatron_optimizer)
     initialize = types.SimpleNamespace(validate_args=validate_args)
-    megatron_lm._install_into(training=training, validators=(initialize,), get_args=lambda: args)
+    hooks._install_into(training=training, validators=(initialize,), get_args=lambda: args)
     mods = types.SimpleNamespace(training=training, initialize=initialize)
     return mods, calls, seen_optimizer_names
 
@@ -50,10 +66,11 @@ def test_muon_routes_to_get_muon_optimizer_with_flags_as_muon_config(monkeypatch
     args = _megatron_args(muon_momentum=0.9, muon_coefficients="polar_express")
     mods, calls, _ = _stand_ins(args)
     received = {}
+    built = type("BuiltOptimizer", (), {})()
 
     def fake_get_muon_optimizer(config, model_chunks, muon_config, **kwargs):
         received.update(config=config, muon_config=muon_config, kwargs=kwargs)
-        return "muon-optimizer"
+        return built
 
     monkeypatch.setattr(builder, "get_muon_optimizer", fake_get_muon_optimizer)
     config = types.SimpleNamespace(optimizer="muon")
@@ -61,7 +78,8 @@ def test_muon_routes_to_get_muon_optimizer_with_flags_as_muon_config(monkeypatch
         config, ["chunk"], config_overrides={"k": 1}, use_gloo_process_groups=False,
         dump_param_to_param_group_map=None,
     )
-    assert out == "muon-optimizer" and calls == []
+    assert out is built and calls == []
+    assert metrics._optimizer() is built  # what training_log reports on
     assert received["muon_config"] == MuonConfig(muon_momentum=0.9,
                                                  muon_coefficients="polar_express")
     assert received["kwargs"] == {"config_overrides": {"k": 1}, "use_gloo_process_groups": False}
@@ -83,6 +101,83 @@ def test_validate_args_accepts_muon_with_the_distributed_optimizer() -> None:
     assert seen == ["adam"] and args.optimizer == "muon"
 
 
+def test_argument_dump_prints_the_optimizer_as_muon() -> None:
+    """Megatron validates the run as the AdamW run underneath, but its argument dump (and
+    everything after validation) sees 'muon'."""
+    args = _megatron_args()
+    mods, _, seen = _stand_ins(args)
+    PRINTED.clear()
+    mods.initialize.validate_args(args, {})
+    assert seen == ["adam"] and PRINTED == ["muon"] and args.optimizer == "muon"
+    assert _print_args.__name__ == "_print_args"  # restored after validation
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"ckpt_format": "torch", "save": "/ckpt"}, "--ckpt-format torch_dist"),
+        ({"fp16": True}, "--bf16"),
+        ({"use_torch_fsdp2": True}, "without FSDP"),
+        ({"muon_scale_mode": "spectral"}, "shape_scaling"),
+        ({"muon_tp_mode": "blockwise"}, "Drop --muon-tp-mode"),
+        ({"muon_fp32_matmul_prec": "medium"}, "--muon-ns-dtype"),
+    ],
+)
+def test_validate_args_refuses_unsupported_runs_before_training(overrides, message) -> None:
+    args = _megatron_args(**overrides)
+    mods, _, seen = _stand_ins(args)
+    with pytest.raises(ValueError, match=message):
+        mods.initialize.validate_args(args, {})
+    assert seen == [], "Megatron's own validation ran before ours refused"
+
+
+def test_ckpt_format_torch_without_save_or_load_is_accepted() -> None:
+    args = _megatron_args(ckpt_format="torch")
+    mods, _, _ = _stand_ins(args)
+    assert mods.initialize.validate_args(args, {}) is args
+
+
+def test_megatron_cores_own_muon_is_refused_when_our_flags_replaced_its_flags() -> None:
+    args = _megatron_args(optimizer="dist_muon")
+    mods, _, seen = _stand_ins(args)
+    with pytest.raises(ValueError, match="--optimizer muon --use-distributed-optimizer"):
+        mods.initialize.validate_args(args, {})
+    assert seen == []
+    plain = argparse.Namespace(optimizer="adam")
+    assert mods.initialize.validate_args(plain, {}) is plain
+
+
+def test_require_installed_names_the_fix_when_install_was_forgotten(monkeypatch) -> None:
+    monkeypatch.setattr(hooks, "is_installed", lambda: False)
+    with pytest.raises(ValueError, match=r"install\(\) has not run"):
+        hooks.require_installed()
+    monkeypatch.setattr(hooks, "is_installed", lambda: True)
+    hooks.require_installed()
+
+
+def test_checkpoint_optimizer_tells_muon_adam_and_weights_only_apart() -> None:
+    bucket = "optimizer.distributed.dp_group_idx_0.gbuf_idx_0.dtype_(f32, f32).bucket_idx_0"
+    weights = {"decoder.layers.mlp.linear_fc1.weight", "embedding.word_embeddings.weight"}
+    assert checkpoints.checkpoint_optimizer(weights) == "none"
+    assert checkpoints.checkpoint_optimizer(weights | {f"{bucket}.param", f"{bucket}.exp_avg",
+                                                       f"{bucket}.exp_avg_sq"}) == "adam"
+    assert checkpoints.checkpoint_optimizer(weights | {f"{bucket}.exp_avg",
+                                                       f"{bucket}.muon_momentum"}) == "muon"
+    model_space = {"optimizer.state.exp_avg.embedding.word_embeddings.weight",
+                   "optimizer.state.exp_avg_sq.embedding.word_embeddings.weight"}
+    assert checkpoints.checkpoint_optimizer(weights | model_space) == "adam"
+    muon = {"optimizer.state.muon_momentum.decoder.layers.mlp.linear_fc1.weight"}
+    assert checkpoints.checkpoint_optimizer(weights | model_space | muon) == "muon"
+
+
+def test_muon_log_line_carries_update_rms_ns_time_and_skipped_steps() -> None:
+    line = metrics.format_muon_log_line(
+        10, {"muon/update_rms": 0.19871, "muon/ns_seconds": 0.01234, "muon/skipped_steps": 2.0}
+    )
+    assert line == (" [muon] iteration       10 | update rms: 0.1987 | ns time (s): 0.0123 | "
+                    "skipped steps: 2")
+
+
 def test_validate_args_names_the_fix_without_the_distributed_optimizer() -> None:
     args = _megatron_args(use_distributed_optimizer=False)
     mods, _, _ = _stand_ins(args)
@@ -101,6 +196,6 @@ def test_install_into_is_idempotent() -> None:
     args = _megatron_args()
     mods, _, _ = _stand_ins(args)
     hooked = mods.training.get_megatron_optimizer
-    megatron_lm._install_into(training=mods.training, validators=(mods.initialize,),
+    hooks._install_into(training=mods.training, validators=(mods.initialize,),
                               get_args=lambda: args)
     assert mods.training.get_megatron_optimizer is hooked
