@@ -12,7 +12,13 @@ import pytest
 
 from muon_megatron.config import MuonConfig
 from muon_megatron.testing.launch import spawn
-from muon_megatron.verify import BF16_TOLERANCE, FP32_TOLERANCE, VerifySpec, run_verify
+from muon_megatron.verify import (
+    BF16_TOLERANCE,
+    FP32_TOLERANCE,
+    NOISE_CEILING,
+    VerifySpec,
+    run_verify,
+)
 
 STEPS = 5
 LAYOUTS: dict[str, dict[str, int]] = {
@@ -33,11 +39,25 @@ def fp32_run(request) -> dict:
 
 
 def test_fp32_parity_with_reference(fp32_run: dict) -> None:
-    assert fp32_run["max_rel_diff"] <= FP32_TOLERANCE, (
+    """Each family within NOISE_GAIN x the run's own measured fp32 noise (floor
+    FP32_TOLERANCE, ceiling NOISE_CEILING: verify.py says why)."""
+    assert fp32_run["within_tolerance"], (
         fp32_run["worst_param"],
-        fp32_run["max_rel_diff"],
+        fp32_run["family_diffs"],
+        fp32_run["tolerances"],
     )
+    for family, diff in fp32_run["family_diffs"].items():
+        assert FP32_TOLERANCE <= fp32_run["tolerances"][family] <= NOISE_CEILING, family
     assert len(fp32_run["dist_losses"]) == STEPS
+
+
+def test_noise_gauge_measures_reordering_noise() -> None:
+    """The gauge the fp32 tolerances come from: the reference retrained with another
+    micro-batching differs from itself by fp32 round-off only (small, but not zero: the
+    sums really were reordered), in both families."""
+    result = run_verify(VerifySpec(dp=2, steps=2), MuonConfig(muon_ns_dtype="fp32"))
+    for family, noise in result["noise_diffs"].items():
+        assert 0.0 < noise < NOISE_CEILING, (family, noise)
 
 
 @pytest.mark.parametrize("ns_dtype", ["fp32", "bf16"])
