@@ -10,10 +10,19 @@ import sys
 
 import pytest
 
+from muon_megatron.testing.megatron_lm_run import megatron_lm_dir  # noqa: E402
+
+if megatron_lm_dir() is not None and megatron_lm_dir() not in sys.path:
+    sys.path.insert(0, megatron_lm_dir())  # spawned ranks inherit sys.path
+if megatron_lm_dir() is not None and not __import__("torch").cuda.is_available():
+    from muon_megatron.testing.megatron_lm_shims import install_megatron_lm_cpu_shims
+
+    install_megatron_lm_cpu_shims()  # before megatron.training is first imported
+
 pytest.importorskip(
     "megatron.training",
     reason="Megatron-LM (megatron.training) is not importable: megatron-core's wheel does not "
-    "ship it; put a Megatron-LM checkout (see patches/README.md for the tag) on PYTHONPATH",
+    "ship it; set MEGATRON_LM_DIR to a checkout of NVIDIA/Megatron-LM (core_v0.16.1)",
 )
 
 from muon_megatron.arguments import muon_extra_args_provider  # noqa: E402
@@ -48,7 +57,9 @@ def _build_through_megatron_lm(rank: int, world_size: int) -> list[str]:
     from megatron.training.arguments import parse_args
 
     from muon_megatron import builder, megatron_lm, tiny_gpt
+    from muon_megatron.testing.megatron_lm_shims import install_megatron_lm_cpu_shims
 
+    install_megatron_lm_cpu_shims()
     megatron_lm.install()
     sys.argv = MEGATRON_ARGV
     args = parse_args(extra_args_provider=muon_extra_args_provider)
@@ -64,3 +75,27 @@ def _build_through_megatron_lm(rank: int, world_size: int) -> list[str]:
 def test_training_modules_optimizer_builder_returns_muon_distributed_optimizer() -> None:
     names = spawn(_build_through_megatron_lm, 1)[0]
     assert names and set(names) == {"MuonDistributedOptimizer"}
+
+
+def test_every_muon_flag_of_this_megatron_lm_is_honoured_or_refused(monkeypatch) -> None:
+    """The real parser of the Megatron-LM on the path: each `--muon-*` flag it defines is in
+    MEGATRON_LM_MUON_FLAGS (honoured or refused), or is one of ours."""
+    import argparse
+    import dataclasses
+
+    from megatron.training import arguments
+
+    from muon_megatron.arguments import MEGATRON_LM_MUON_FLAGS, muon_flag
+
+    captured: list[argparse.ArgumentParser] = []
+
+    def provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        captured.append(parser)
+        return parser
+
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py"])
+    arguments.parse_args(extra_args_provider=provider, ignore_unknown_args=True)
+    theirs = {o for a in captured[0]._actions for o in a.option_strings if o.startswith("--muon-")}
+    ours = {muon_flag(f.name) for f in dataclasses.fields(MuonConfig)}
+    assert theirs, "this Megatron-LM defines no --muon-* flags"
+    assert theirs - set(MEGATRON_LM_MUON_FLAGS) - ours == set()
