@@ -11,7 +11,6 @@ import pytest
 
 from muon_megatron import cli
 from muon_megatron.arguments import (
-    add_muon_config_args,
     chain_extra_args_providers,
     flags_markdown_table,
     muon_extra_args_provider,
@@ -116,8 +115,15 @@ def test_chained_providers_apply_in_order() -> None:
     assert args.my_flag == 4 and args.muon_momentum == MuonConfig().muon_momentum
 
 
-def test_cli_still_exports_add_muon_config_args() -> None:
-    assert cli.add_muon_config_args is add_muon_config_args
+def test_verify_cli_reads_the_muon_flags_before_it_starts_any_process() -> None:
+    """`muon-megatron verify` parses every --muon-* flag into its MuonConfig: a bad value or
+    a refused Megatron-LM flag stops it with the config's message, before any spawn."""
+    with pytest.raises(ValueError, match="muon_ns_steps=0"):
+        cli.main(["verify", "--muon-ns-steps", "0"])
+    with pytest.raises(ValueError, match="Drop --muon-tp-mode"):
+        cli.main(["verify", "--muon-tp-mode", "blockwise"])
+    with pytest.raises(SystemExit):
+        cli.main(["verify", "--muon-coefficients", "cubic"])
 
 
 def test_docs_flags_table_matches_the_dataclass() -> None:

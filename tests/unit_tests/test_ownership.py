@@ -58,11 +58,40 @@ def test_every_job_owned_exactly_once_and_total_preserved() -> None:
     assert sum(load_per_rank(costs, owners, 5)) == sum(costs)
 
 
-def test_assignment_is_deterministic_and_order_independent_of_calls() -> None:
+def test_loads_do_not_depend_on_the_order_of_the_jobs() -> None:
+    """Every rank computes the plan from its own list of matrices: any order of the same
+    costs gives every rank the same load."""
+    import itertools
+
     costs = [3.0, 3.0, 2.0, 2.0, 2.0, 1.0]
-    assert assign_owners(costs, 3) == assign_owners(list(costs), 3)
+    loads = load_per_rank(costs, assign_owners(costs, 3), 3)
+    for perm in itertools.permutations(range(len(costs))):
+        permuted = [costs[i] for i in perm]
+        assert load_per_rank(permuted, assign_owners(permuted, 3), 3) == loads, perm
     # LPT on this instance is optimal: loads 4, 4, 5 -> makespan 5 (optimum is 5, total 13).
-    assert max(load_per_rank(costs, assign_owners(costs, 3), 3)) == 5.0
+    assert max(loads) == 5.0
+
+
+def test_assignment_is_the_same_in_every_process() -> None:
+    """Ranks are separate processes (other hash seeds, other allocation orders): the owners
+    of the same list must be identical, or two ranks would disagree on who owns a matrix."""
+    import subprocess
+    import sys
+
+    costs = [3.0, 3.0, 2.0, 2.0, 2.0, 1.0, 7.5, 0.25]
+    holders = [{0: 1}, {}, {1: 2, 2: 2}, {}, {2: 1}, {}, {0: 3, 1: 3}, {}]
+    code = (
+        "from muon_megatron.ownership import assign_owners; "
+        f"print(assign_owners({costs!r}, 3, {holders!r}))"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+            env={"PYTHONHASHSEED": seed, "PYTHONPATH": ":".join(sys.path)},
+        ).stdout.strip()
+        for seed in ("0", "1", "12345")
+    }  # fmt: skip
+    assert outputs == {str(assign_owners(costs, 3, holders))}
 
 
 def test_single_rank_owns_everything() -> None:
@@ -107,6 +136,11 @@ def test_locality_prefers_the_rank_holding_most() -> None:
 def test_without_holders_it_is_plain_lpt() -> None:
     costs = [3.0, 3.0, 2.0, 2.0, 2.0, 1.0]
     assert assign_owners(costs, 3, [{}] * len(costs)) == assign_owners(costs, 3)
+
+
+def test_locality_slack_stays_inside_the_balance_bound() -> None:
+    """The constants' contract: preferring a holder may cost at most LOCALITY_SLACK of the
+    mean load, which must leave the MAX_OVER_MEAN balance bound intact."""
     assert 0 < LOCALITY_SLACK <= MAX_OVER_MEAN - 1
 
 
