@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from muon_megatron.demo import DEMO_FLAGS
 
@@ -82,7 +83,9 @@ def test_save_then_load_continues_bitwise_like_an_uninterrupted_run(
     layout: str, tmp_path: pathlib.Path,
 ) -> None:
     """--save at iteration 4, --load to 6: iterations 5 and 6 match a straight 6-step run
-    bit for bit (loss and lr). 2 processes (DP 2, or EP 2 with expert DP 1), Muon."""
+    bit for bit: loss and lr in the log, and every tensor of the final checkpoints (params,
+    main params, Muon momentum, AdamW moments). 2 processes (DP 2, or EP 2 with expert DP 1),
+    Muon."""
     flags = [
         sys.executable, "examples/pretrain_moe.py", "--world-size", "2", "--swiglu",
         *RESUME_LAYOUTS[layout],
@@ -91,9 +94,11 @@ def test_save_then_load_continues_bitwise_like_an_uninterrupted_run(
         "--lr-warmup-iters", "1", "--lr-decay-style", "cosine", "--lr-decay-iters", "6",
     ]
     ckpt = tmp_path / "ckpt"
-    _run([*flags, "--train-iters", "6", "--output-dir", str(tmp_path / "straight")])
+    final_straight, final_resumed = tmp_path / "final_straight", tmp_path / "final_resumed"
+    _run([*flags, "--train-iters", "6", "--save", str(final_straight),
+          "--output-dir", str(tmp_path / "straight")])
     _run([*flags, "--train-iters", "4", "--save", str(ckpt), "--output-dir", str(tmp_path / "a")])
-    stdout = _run([*flags, "--train-iters", "6", "--load", str(ckpt),
+    stdout = _run([*flags, "--train-iters", "6", "--load", str(ckpt), "--save", str(final_resumed),
                    "--output-dir", str(tmp_path / "b")])
     assert f"> loaded {ckpt / 'iter_0000004'} (iteration 4)" in stdout
     straight = json.loads((tmp_path / "straight" / "muon.json").read_text())["iterations"][4:]
@@ -101,3 +106,28 @@ def test_save_then_load_continues_bitwise_like_an_uninterrupted_run(
     assert [(r["iteration"], r["loss"], r["lr"]) for r in resumed] == [
         (r["iteration"], r["loss"], r["lr"]) for r in straight
     ]
+    a = _checkpoint_tensors(final_straight / "iter_0000006", tmp_path / "a.pt")
+    b = _checkpoint_tensors(final_resumed / "iter_0000006", tmp_path / "b.pt")
+    assert any("muon_momentum" in k for k in a) and any("exp_avg" in k for k in a), sorted(a)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _checkpoint_tensors(ckpt_dir: pathlib.Path, scratch: pathlib.Path) -> dict:
+    """Every tensor of a torch_dist checkpoint, flattened to 'a/b/c' keys (torch's own
+    converter, no process group)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(ckpt_dir), str(scratch))
+    out: dict = {}
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}/{k}")
+        elif torch.is_tensor(node):
+            out[path] = node
+
+    walk(torch.load(scratch, weights_only=False), "")
+    return out
