@@ -350,14 +350,16 @@ class MuonCheckpointMixin:
     # ------------------------------------------------------------------ legacy formats
     def save_parameter_state(self, filename: str):
         raise NotImplementedError(
-            "the legacy torch.save parameter-state format cannot hold Muon momentum; save "
-            "with dist_checkpointing (muon_megatron.checkpointing.save_checkpoint)."
+            "the legacy torch.save parameter-state format cannot hold Muon momentum: with "
+            "Megatron-LM use --ckpt-format torch_dist (its default); from Python, save with "
+            "muon_megatron.checkpointing.save_checkpoint."
         )
 
     def load_parameter_state(self, filename: str, *, update_legacy_format=False):
         raise NotImplementedError(
-            "the legacy torch.save parameter-state format cannot hold Muon momentum; load "
-            "with dist_checkpointing (muon_megatron.checkpointing.load_checkpoint)."
+            "the legacy torch.save parameter-state format cannot hold Muon momentum: with "
+            "Megatron-LM use --ckpt-format torch_dist (its default); from Python, load with "
+            "muon_megatron.checkpointing.load_checkpoint."
         )
 
 
