@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+
+from muon_megatron.testing.launch import _free_port
 
 __all__ = [
     "megatron_lm_dir",
@@ -47,12 +48,6 @@ def megatron_lm_dir() -> str | None:
     ):
         return os.path.abspath(path)
     return None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_pretrain_gpt(
