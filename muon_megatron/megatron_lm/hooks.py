@@ -183,9 +183,8 @@ def _dispatching_builder(
         from muon_megatron.builder import get_muon_optimizer
         from muon_megatron.megatron_lm import metrics
 
-        args = get_args()
-        _check_muon_run(args)  # again: with patches/ applied, validate_args is not wrapped
-        muon_config = _muon_config_from(args)
+        # Checked again here: with patches/ applied, validate_args is not wrapped.
+        muon_config = _check_muon_run(get_args())
         known = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
         optimizer = get_muon_optimizer(config, model_chunks, muon_config, **known)
         metrics.remember_optimizer(optimizer)
@@ -207,8 +206,9 @@ def _muon_config_from(args: argparse.Namespace) -> MuonConfig:
     return muon_config_from_args(args)
 
 
-def _check_muon_run(args: argparse.Namespace) -> None:
-    """muon-megatron's checks of a `--optimizer muon` run, before Megatron's own."""
+def _check_muon_run(args: argparse.Namespace) -> MuonConfig:
+    """muon-megatron's checks of a `--optimizer muon` run, before Megatron's own; returns
+    the run's MuonConfig."""
     from muon_megatron.builder import check_supported
 
     if not getattr(args, "use_distributed_optimizer", False):
@@ -216,7 +216,7 @@ def _check_muon_run(args: argparse.Namespace) -> None:
             "--optimizer muon (muon-megatron) is a ZeRO-1 DistributedOptimizer: add "
             "--use-distributed-optimizer."
         )
-    _muon_config_from(args)
+    muon_config = _muon_config_from(args)
     check_supported(args)  # the OptimizerConfig fields it reads are Megatron-LM's arg names
     for flag in ("use_torch_fsdp2", "use_megatron_fsdp"):
         if getattr(args, flag, False):
@@ -232,6 +232,7 @@ def _check_muon_run(args: argparse.Namespace) -> None:
             "torch_dist (Megatron-LM's default; add --dist-ckpt-optim-fully-reshardable to "
             "change TP/PP/EP on resume)."
         )
+    return muon_config
 
 
 def _validating(original: Callable[..., Any]) -> Callable[..., Any]:
