@@ -26,5 +26,5 @@ setup(
         # Used when present on GPU clusters; never required on CPU.
         "gpu": ["transformer-engine[pytorch]", "apex"],
     },
-    entry_points={"console_scripts": ["muon-megatron=muon_megatron.cli:main"]},
+    entry_points={"console_scripts": ["muon-megatron=muon_megatron.tools.cli:main"]},
 )

@@ -1,7 +1,7 @@
 """Convergence parity: Muon vs AdamW on the training example, several seeds, one plot.
 
 Both optimizers train the same tiny MoE (megatron-core GPTModel, byte-level Python stdlib
-text, `muon_megatron.train`) from the same initial weights on the same batches (one
+text, `muon_megatron.training.entry`) from the same initial weights on the same batches (one
 `--seed` per pair drives both), with Moonlight's recipe: the *same* lr, schedule and weight
 decay for Muon and AdamW, Muon's update RMS matched to AdamW's (0.2 sqrt(max(A, B))). The
 AdamW hyper-parameters (beta2 0.95, wd 0.1) are Moonlight's pretraining ones; the lr is the
@@ -31,8 +31,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from muon_megatron.demo import DEMO_MODEL_FLAGS
-from muon_megatron.train import trailing_mean
+from muon_megatron.training.demo import DEMO_MODEL_FLAGS
+from muon_megatron.training.entry import trailing_mean
 
 __all__ = [
     "MODEL_FLAGS",
@@ -81,7 +81,7 @@ def training_flags(
 
 
 def _run_all(jobs: list[tuple[str, int, list[str], str]], parallel: int) -> None:
-    """Run each (optimizer, seed, flags, log path) as `python -m muon_megatron.train`,
+    """Run each (optimizer, seed, flags, log path) as `python -m muon_megatron.training.entry`,
     at most `parallel` at once (each is one single-threaded process)."""
     pending, running = list(jobs), []
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -89,7 +89,7 @@ def _run_all(jobs: list[tuple[str, int, list[str], str]], parallel: int) -> None
         while pending and len(running) < parallel:
             optimizer, seed, flags, log_path = pending.pop(0)
             log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
-            proc = subprocess.Popen([sys.executable, "-m", "muon_megatron.train", *flags],
+            proc = subprocess.Popen([sys.executable, "-m", "muon_megatron.training.entry", *flags],
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
             running.append((proc, log, optimizer, seed, log_path))
             print(f"> convergence: started {optimizer} seed {seed} (log {log_path})", flush=True)

@@ -6,7 +6,7 @@ Needs CUDA; on a machine without it the script refuses with a message and exit c
 
     python benchmarks/gpu_ns_throughput.py --out outputs/gpu.json
 
-1. Newton-Schulz (`muon_megatron.newton_schulz.newton_schulz`, 5 quintic steps, bf16) on
+1. Newton-Schulz (`muon_megatron.ops.newton_schulz.newton_schulz`, 5 quintic steps, bf16) on
    n x n and n x 4n matrices for n = 1024 ... 8192; FLOPs from `ns_flops`; throughput against
    the best bf16 `torch.matmul` of the same sizes (the peak this GPU reaches in practice).
 2. A ~1B GPT (megatron-core local layers, bf16 params / fp32 main params, one process,
@@ -60,7 +60,7 @@ def _time_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
 
 def ns_throughput(sizes: Sequence[int], repeats: int, device: torch.device) -> list[dict]:
     """Newton-Schulz TFLOP/s per shape, against bf16 matmul TFLOP/s of the same sizes."""
-    from muon_megatron.newton_schulz import newton_schulz, ns_flops
+    from muon_megatron.ops.newton_schulz import newton_schulz, ns_flops
 
     rows = []
     for n in sizes:
@@ -93,28 +93,25 @@ def _init_single_process() -> None:
 
 def step_time_ratio(spec_kwargs: dict, steps: int, warmup: int, gbs: int, mbs: int) -> dict:
     """Median optimizer.step() ms of Muon and AdamW on one device, same model and batches."""
-    from muon_megatron import tiny_gpt
-    from muon_megatron.builder import get_muon_optimizer
     from muon_megatron.config import MuonConfig
+    from muon_megatron.testing import tiny
 
     _init_single_process()
-    spec = tiny_gpt.ModelSpec(bf16=True, **spec_kwargs)
-    layout = tiny_gpt.Layout()
+    spec = tiny.ModelSpec(bf16=True, **spec_kwargs)
+    layout = tiny.Layout()
     out: dict[str, Any] = {"spec": spec_kwargs}
     for name in ("adamw", "muon"):
-        tiny_gpt.initialize_parallel(layout, seed=1234)
-        model = tiny_gpt.build_model(spec, layout)  # on the current CUDA device
+        tiny.initialize_parallel(layout, seed=1234)
+        model = tiny.build_model(spec, layout)  # on the current CUDA device
         out["parameters"] = sum(p.numel() for m in model for p in m.parameters())
-        config = tiny_gpt.optimizer_config(lr=1e-4, weight_decay=0.1, bf16=True)
-        if name == "adamw":
-            optimizer = tiny_gpt.build_adam_optimizer(model, config)
-        else:
-            optimizer = get_muon_optimizer(config, model, MuonConfig(muon_ns_dtype="bf16"))
+        config = tiny.optimizer_config(lr=1e-4, weight_decay=0.1, bf16=True)
+        muon_config = MuonConfig(muon_ns_dtype="bf16") if name == "muon" else None
+        optimizer = tiny.build_optimizer(model, config, muon_config)
         times = []
         for step in range(warmup + steps):
-            batch = tiny_gpt.global_batch(step, spec, gbs, seed=1234)
+            batch = tiny.global_batch(step, spec, gbs, seed=1234)
             optimizer.zero_grad()
-            tiny_gpt.forward_backward(model, batch, spec, mbs)
+            tiny.forward_backward(model, batch, spec, mbs)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             t0 = time.perf_counter()

@@ -6,7 +6,7 @@ the transient memory of the gather / scatter buffers, for DP4, TP2 x DP2 and an 
 EP2 x DP2 on 4 gloo processes. Prints one table, writes JSON (`--out`, default
 outputs/bench.json) and ends with a one-line summary of the targets of issue 7.
 
-The benchmark lives in the package (`muon_megatron.bench`) so that `muon-megatron bench`
+The benchmark lives in the package (`muon_megatron.tools.bench`) so that `muon-megatron bench`
 works from any install; this script is the same entry from a checkout:
 
     python benchmarks/optimizer_bench.py                 # ~4 min on 2 CPU cores
@@ -16,7 +16,7 @@ works from any install; this script is the same entry from a checkout:
 
 import sys
 
-from muon_megatron.bench import main
+from muon_megatron.tools.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

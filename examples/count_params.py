@@ -8,8 +8,8 @@ model in tests/unit_tests/test_model_size.py.
 
 import sys
 
-from muon_megatron.model_size import count_parameters
-from muon_megatron.train_args import build_parser
+from muon_megatron.training.args import build_parser
+from muon_megatron.training.model_size import count_parameters
 
 
 def main(argv: list[str]) -> int:

@@ -15,11 +15,11 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "MuonDistributedOptimizer":
-        from muon_megatron.distributed import MuonDistributedOptimizer
+        from muon_megatron.optimizer.distributed import MuonDistributedOptimizer
 
         return MuonDistributedOptimizer
     if name in ("get_muon_optimizer", "muon_optimizers"):
-        from muon_megatron import builder
+        from muon_megatron.optimizer import builder
 
         return getattr(builder, name)
     raise AttributeError(f"module 'muon_megatron' has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 Every distributed layout is tested against this class, so it is written to be obviously
 right rather than fast: one parameter at a time, one logical matrix at a time, calling the
-same math (`muon_megatron.newton_schulz`) and the same splitting (`muon_megatron.routing`)
+same math (`muon_megatron.ops.newton_schulz`) and the same splitting (`muon_megatron.routing.rules`)
 as the distributed optimizer, with TP size 1.
 """
 
@@ -17,21 +17,15 @@ from torch import Tensor
 from torch.optim.adamw import adamw as _torch_adamw
 
 from muon_megatron.config import MuonConfig
-from muon_megatron.newton_schulz import (
-    apply_update_,
-    momentum_update_,
-    nesterov_input,
-    newton_schulz,
-    update_scale,
-)
-from muon_megatron.routing import (
+from muon_megatron.ops.newton_schulz import newton_schulz
+from muon_megatron.ops.update import apply_update_, momentum_update_, nesterov_input, update_scale
+from muon_megatron.routing.rules import is_muon_param, param_kind
+from muon_megatron.routing.splits import (
     MatrixSplit,
     ModelShape,
     extract_pieces,
     insert_pieces,
-    is_muon_param,
     matrix_split,
-    param_kind,
 )
 
 # ModelShape lives in routing (it is what matrix_split needs); re-exported for callers.

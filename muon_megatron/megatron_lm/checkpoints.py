@@ -70,8 +70,8 @@ def loading_across_optimizers(
 ) -> Callable[..., Any]:
     @functools.wraps(original)
     def load_checkpoint(ddp_model: Any, optimizer: Any, *rest: Any, **kwargs: Any) -> Any:
-        from muon_megatron.builder import muon_optimizers
-        from muon_megatron.checkpoint_state import reading_adamw_checkpoint
+        from muon_megatron.optimizer.builder import muon_optimizers
+        from muon_megatron.optimizer.checkpoint_state import reading_adamw_checkpoint
 
         args = get_args()
         load_arg = kwargs.get("load_arg", rest[1] if len(rest) > 1 else "load")
@@ -90,7 +90,7 @@ def loading_across_optimizers(
                 "load_checkpoint cannot turn Muon momentum into AdamW state. Either add "
                 "--no-load-optim (weights and iteration load; AdamW state and the lr schedule "
                 "start fresh), or convert once with muon-megatron's training entry "
-                "(muon_megatron.checkpointing.load_checkpoint sets exp_avg <- momentum, "
+                "(muon_megatron.training.checkpointing.load_checkpoint sets exp_avg <- momentum, "
                 "exp_avg_sq <- momentum**2) and save from there."
             )
         if saved != "adam" or not members:

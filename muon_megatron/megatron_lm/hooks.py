@@ -23,7 +23,7 @@ those who would rather patch Megatron-LM than wrap it; the patched path calls
 
 Use from a Megatron-LM training script:
 
-    from muon_megatron.arguments import chain_extra_args_providers, muon_extra_args_provider
+    from muon_megatron.megatron_lm.arguments import chain_extra_args_providers, muon_extra_args_provider
     from muon_megatron.megatron_lm import install
 
     install()
@@ -48,13 +48,13 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from muon_megatron.arguments import (
+from muon_megatron.config import MuonConfig
+from muon_megatron.megatron_lm.arguments import (
     chain_extra_args_providers,
     defaults_differing_from_megatron_lm,
     muon_config_from_args,
     muon_extra_args_provider,
 )
-from muon_megatron.config import MuonConfig
 
 __all__ = ["install", "is_installed", "require_installed", "main", "MUON_OPTIMIZER_NAME"]
 
@@ -180,8 +180,8 @@ def _dispatching_builder(
                 "layer_wise_distributed_optimizer=True belongs to megatron-core's own Muon; "
                 "use --optimizer muon --use-distributed-optimizer for muon-megatron."
             )
-        from muon_megatron.builder import get_muon_optimizer
         from muon_megatron.megatron_lm import metrics
+        from muon_megatron.optimizer.builder import get_muon_optimizer
 
         # Checked again here: with patches/ applied, validate_args is not wrapped.
         muon_config = _check_muon_run(get_args())
@@ -200,7 +200,7 @@ def _muon_config_from(args: argparse.Namespace) -> MuonConfig:
     if missing:
         raise ValueError(
             f"Megatron-LM's arguments lack {missing}: pass "
-            "extra_args_provider=muon_megatron.arguments.muon_extra_args_provider to pretrain() "
+            "extra_args_provider=muon_megatron.megatron_lm.arguments.muon_extra_args_provider to pretrain() "
             "or call muon_megatron.megatron_lm.install(add_args=True)."
         )
     return muon_config_from_args(args)
@@ -209,7 +209,7 @@ def _muon_config_from(args: argparse.Namespace) -> MuonConfig:
 def _check_muon_run(args: argparse.Namespace) -> MuonConfig:
     """muon-megatron's checks of a `--optimizer muon` run, before Megatron's own; returns
     the run's MuonConfig."""
-    from muon_megatron.builder import check_supported
+    from muon_megatron.optimizer.builder import check_supported
 
     if not getattr(args, "use_distributed_optimizer", False):
         raise ValueError(
@@ -310,12 +310,12 @@ def _parsing_with_muon_flags(original: Callable[..., Any]) -> Callable[..., Any]
 
 def _install_cpu_stand_ins_without_cuda() -> None:
     """On a machine without CUDA (CI, a laptop), Megatron-LM's training package needs CPU
-    stand-ins (`muon_megatron.testing.megatron_lm_shims`); a GPU run never loads them."""
+    stand-ins (`muon_megatron.runtime.megatron_lm_shims`); a GPU run never loads them."""
     import torch
 
     if torch.cuda.is_available():
         return
-    from muon_megatron.testing.megatron_lm_shims import install_megatron_lm_cpu_shims
+    from muon_megatron.runtime.megatron_lm_shims import install_megatron_lm_cpu_shims
 
     install_megatron_lm_cpu_shims()
 

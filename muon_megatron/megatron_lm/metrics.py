@@ -66,7 +66,7 @@ def _report(iteration: int, optimizer: Any) -> None:
     import torch
     from megatron.training import global_vars
 
-    from muon_megatron.builder import muon_metrics
+    from muon_megatron.optimizer.builder import muon_metrics
 
     metrics = muon_metrics(optimizer)
     if not metrics:

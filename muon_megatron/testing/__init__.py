@@ -1,4 +1,5 @@
-"""Test-only support: CPU shims for megatron-core and a multi-process launcher.
+"""The test harness: a tiny GPT on top of `training.model` (`tiny`) and a runner for
+Megatron-LM's own `pretrain_gpt.py` (`megatron_lm_run`).
 
-Nothing here is imported by the optimizer itself; a GPU run never loads these modules.
+Only tests and `tools/` import this package.
 """

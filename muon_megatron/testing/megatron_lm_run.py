@@ -7,7 +7,7 @@
 
 (the Megatron-LM checkout and this repository on PYTHONPATH, one intra-op thread per rank);
 `muon_megatron.megatron_lm` installs muon-megatron's hook and, without CUDA, the CPU shims
-of `muon_megatron.testing.megatron_lm_shims`. `tiny_gpt_args()` is a tiny GPT (2 layers,
+of `muon_megatron.runtime.megatron_lm_shims`. `tiny_gpt_args()` is a tiny GPT (2 layers,
 hidden 64, mock data) that such a run trains in seconds; `logged_losses(output)` reads back
 the per-iteration `lm loss` Megatron-LM printed.
 """
@@ -20,7 +20,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from muon_megatron.testing.launch import _free_port
+from muon_megatron.runtime.launch import _free_port
 
 __all__ = [
     "megatron_lm_dir",

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from muon_megatron import cli
-from muon_megatron.bench import BenchConfig, run_bench
-from muon_megatron.testing.launch import spawn
+from muon_megatron.runtime.launch import spawn
+from muon_megatron.tools import cli
+from muon_megatron.tools.bench import BenchConfig, run_bench
 
 WORLD = 3
 
@@ -17,7 +17,7 @@ def _counted_collectives(rank: int, world: int) -> dict:
     import torch.distributed as dist
     from megatron.core.distributed import param_and_grad_buffer
 
-    from muon_megatron.comm_counter import CollectiveCounter
+    from muon_megatron.tools.comm_counter import CollectiveCounter
 
     originals = (dist.all_reduce, param_and_grad_buffer.dist_all_gather_func)
     counter = CollectiveCounter()

@@ -1,7 +1,7 @@
 """Checkpoints and faults: bit-exact resume, resharding, optimizer switch, NaN steps, errors.
 
 Every run is real multi-process training of the tiny GPT over gloo, saved and loaded with
-`muon_megatron.checkpointing` (megatron `dist_checkpointing`, torch_dist). A resumed run is a
+`muon_megatron.training.checkpointing` (megatron `dist_checkpointing`, torch_dist). A resumed run is a
 *new* spawn: nothing survives from the saving processes but the checkpoint directory. The lr
 schedule warms up and decays (cosine), so a scheduler that were not restored would show.
 """
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import torch
 
-from muon_megatron.testing.launch import spawn
-from muon_megatron.verify import FP32_TOLERANCE
+from muon_megatron.runtime.launch import spawn
+from muon_megatron.tools.verify import FP32_TOLERANCE
 
 SEED, DATA_SEED = 1234, 7
 GLOBAL_BATCH, MICRO_BATCH = 8, 2
@@ -57,7 +57,7 @@ class Job:
     load: str | None = None
     saves: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # at SAVE_AT
     save_final_weights: str | None = None
-    compare_weights: str | None = None  # weights (tiny_gpt.save_model) to compare against
+    compare_weights: str | None = None  # weights (tiny.save_model) to compare against
     nan_at: dict[int, tuple[int, str, float]] = dataclasses.field(default_factory=dict)
     not_muon: str | None = None  # params whose name contains this go to AdamW
     spec: dict[str, Any] = dataclasses.field(default_factory=dict)  # ModelSpec overrides
@@ -67,46 +67,43 @@ class Job:
 
 # ---------------------------------------------------------------------------- the ranks
 def _setup(job: Job):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    from muon_megatron import tiny_gpt
-    from muon_megatron.builder import get_muon_optimizer
     from muon_megatron.config import MuonConfig
-    from muon_megatron.routing import is_muon_param
+    from muon_megatron.routing.rules import is_muon_param
+    from muon_megatron.testing import tiny
+    from muon_megatron.training import step
 
-    spec = tiny_gpt.ModelSpec(**(MOE if job.moe else {}), **job.spec)
-    layout = tiny_gpt.Layout(**job.layout)
-    tiny_gpt.initialize_parallel(layout, SEED)
-    model = tiny_gpt.build_model(spec, layout)
-    config = tiny_gpt.optimizer_config(lr=LR, weight_decay=WD)
+    spec = tiny.ModelSpec(**(MOE if job.moe else {}), **job.spec)
+    layout = tiny.Layout(**job.layout)
+    tiny.initialize_parallel(layout, SEED)
+    model = tiny.build_model(spec, layout)
+    config = tiny.optimizer_config(lr=LR, weight_decay=WD)
     if job.optimizer == "adam":
-        optimizer = tiny_gpt.build_adam_optimizer(model, config)
+        optimizer = step.build_optimizer(config, model)
     else:
         def is_muon(name: str, param: torch.Tensor) -> bool:
             return is_muon_param(name, param) and not (job.not_muon and job.not_muon in name)
 
-        optimizer = get_muon_optimizer(config, model, MuonConfig(muon_ns_dtype="fp32"), is_muon=is_muon)
-    scheduler = OptimizerParamScheduler(
+        optimizer = step.build_optimizer(
+            config, model, MuonConfig(muon_ns_dtype="fp32"), is_muon=is_muon
+        )
+    scheduler = step.param_scheduler(
         optimizer,
         init_lr=0.0,
         max_lr=LR,
         min_lr=MIN_LR,
-        lr_warmup_steps=2,
-        lr_decay_steps=STEPS,
-        lr_decay_style="cosine",
-        start_wd=WD,
-        end_wd=WD,
-        wd_incr_steps=STEPS,
-        wd_incr_style="constant",
+        weight_decay=WD,
+        warmup_steps=2,
+        decay_steps=STEPS,
+        decay_style="cosine",
     )
     return spec, layout, model, optimizer, scheduler
 
 
 def _snapshot(model, optimizer) -> dict[str, dict[str, torch.Tensor]]:
     """This rank's model params and, per local main shard, every optimizer-state tensor."""
-    from muon_megatron import tiny_gpt
+    from muon_megatron.testing import tiny
 
-    named = list(tiny_gpt.unwrap(model[0]).named_parameters())
+    named = list(tiny.unwrap(model[0]).named_parameters())
     out = {"model": {n: p.detach().clone() for n, p in named}}
     for member in getattr(optimizer, "chained_optimizers", [optimizer]):
         for name, param in named:
@@ -145,9 +142,9 @@ def _megatron_lm_style_load(ckpt_dir: str, model, optimizer, sharding: str, read
     muon_megatron.megatron_lm's hook turns on for an AdamW -> Muon switch."""
     from megatron.core import dist_checkpointing
 
-    from muon_megatron import checkpointing
-    from muon_megatron.builder import muon_optimizers
-    from muon_megatron.checkpoint_state import reading_adamw_checkpoint
+    from muon_megatron.optimizer.builder import muon_optimizers
+    from muon_megatron.optimizer.checkpoint_state import reading_adamw_checkpoint
+    from muon_megatron.training import checkpointing
 
     members = muon_optimizers(optimizer) if read_adamw else []
     with reading_adamw_checkpoint(members), torch.no_grad():
@@ -164,7 +161,7 @@ def _megatron_lm_style_load(ckpt_dir: str, model, optimizer, sharding: str, read
 
 
 def _muon_names(optimizer) -> list[str]:
-    from muon_megatron.builder import muon_optimizers
+    from muon_megatron.optimizer.builder import muon_optimizers
 
     return [name for o in muon_optimizers(optimizer) for name in o.muon_matrix_names]
 
@@ -179,21 +176,22 @@ class _Records(logging.Handler):
 
 
 def _run(rank: int, world: int, job: Job) -> dict[str, Any]:
-    from muon_megatron import checkpointing, tiny_gpt
-    from muon_megatron.nonfinite import skipped_steps
+    from muon_megatron.optimizer.nonfinite import skipped_steps
+    from muon_megatron.testing import tiny
+    from muon_megatron.training import checkpointing
 
     records = _Records()
     logging.getLogger("muon_megatron").addHandler(records)
     logging.getLogger("muon_megatron").setLevel(logging.INFO)
     spec, layout, model, optimizer, scheduler = _setup(job)
-    config = tiny_gpt.unwrap(model[0]).config
+    config = tiny.unwrap(model[0]).config
     finalize, inject = config.finalize_model_grads_func, {}
 
     def finalize_with_fault(*args, **kwargs):
         # A fault in this rank's local gradient, before the DP reduction spreads it.
         if inject:
             with torch.no_grad():
-                dict(tiny_gpt.unwrap(model[0]).named_parameters())[inject["name"]].main_grad.view(-1)[0] = inject["value"]
+                dict(tiny.unwrap(model[0]).named_parameters())[inject["name"]].main_grad.view(-1)[0] = inject["value"]
         return finalize(*args, **kwargs)
 
     config.finalize_model_grads_func = finalize_with_fault
@@ -221,9 +219,9 @@ def _run(rank: int, world: int, job: Job) -> dict[str, Any]:
         if step in job.nan_at and job.nan_at[step][0] == rank:
             inject.update(name=job.nan_at[step][1], value=job.nan_at[step][2])
         before = _snapshot(model, optimizer) if step in job.nan_at else None
-        batch = tiny_gpt.global_batch(step, spec, GLOBAL_BATCH, DATA_SEED)
+        batch = tiny.global_batch(step, spec, GLOBAL_BATCH, DATA_SEED)
         optimizer.zero_grad()
-        loss = tiny_gpt.forward_backward(model, batch, spec, job.micro_batch)
+        loss = tiny.forward_backward(model, batch, spec, job.micro_batch)
         success, _, _ = optimizer.step()
         if success:  # as megatron's training loop: the schedule advances on real updates
             scheduler.step(1)
@@ -235,7 +233,7 @@ def _run(rank: int, world: int, job: Job) -> dict[str, Any]:
         getattr(m, "skipped_steps", None) for m in getattr(optimizer, "chained_optimizers", [optimizer])
     ]
     if job.save_final_weights:
-        tiny_gpt.save_model(model, job.save_final_weights)
+        tiny.save_model(model, job.save_final_weights)
     if job.compare_weights:
         out["relative_update_error"] = _compare(job, spec, layout, model, out["after_load"]["model"])
     out["logs"] = records.messages
@@ -245,13 +243,13 @@ def _run(rank: int, world: int, job: Job) -> dict[str, Any]:
 def _compare(job: Job, spec, layout, model, resumed_from) -> dict[str, float]:
     """||W_resumed - W_ref|| / ||W_ref - W_resume_point|| per parameter (the update since the
     resume, as verify.py compares the total update)."""
-    from muon_megatron import tiny_gpt
+    from muon_megatron.testing import tiny
 
-    reference = tiny_gpt.build_model(spec, layout)
-    tiny_gpt.load_model(reference, job.compare_weights)
-    ref = dict(tiny_gpt.unwrap(reference[0]).named_parameters())
+    reference = tiny.build_model(spec, layout)
+    tiny.load_model(reference, job.compare_weights)
+    ref = dict(tiny.unwrap(reference[0]).named_parameters())
     errors = {}
-    for name, param in tiny_gpt.unwrap(model[0]).named_parameters():
+    for name, param in tiny.unwrap(model[0]).named_parameters():
         update = (ref[name] - resumed_from[name]).norm().item()
         errors[name] = (param - ref[name]).norm().item() / update
     return errors
@@ -531,7 +529,7 @@ def test_nonfinite_gradients_skip_the_step_on_every_rank() -> None:
 
 # ---------------------------------------------------------------------------- mismatches
 def _try_loads(rank: int, world: int, attempts: list[tuple[str, str | None]]) -> list[str]:
-    from muon_megatron import checkpointing
+    from muon_megatron.training import checkpointing
 
     messages = []
     for ckpt_dir, not_muon in attempts:

@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 import torch
 
-from muon_megatron.testing.cpu_shims import install_cpu_shims
-from muon_megatron.testing.launch import spawn
-from muon_megatron.tiny_gpt import (
+from muon_megatron.runtime.cpu_shims import install_cpu_shims
+from muon_megatron.runtime.launch import spawn
+from muon_megatron.testing.tiny import (
     Layout,
     ModelSpec,
-    build_adam_optimizer,
+    build_optimizer,
     build_model,
     forward_backward,
     full_state,
@@ -76,7 +76,7 @@ def _main_grads(model_chunks: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
 
 
 def _train(model_chunks: list[torch.nn.Module], layout: Layout) -> list[float]:
-    optimizer = build_adam_optimizer(model_chunks, optimizer_config())
+    optimizer = build_optimizer(model_chunks, optimizer_config())
     return [
         train_step(model_chunks, optimizer, batch, SPEC, layout, MICRO_BATCH)
         for batch in _batches()
@@ -223,7 +223,7 @@ def _smoke_rank(
 ) -> list[float]:
     initialize_parallel(layout, SEED)
     model = build_model(spec, layout)
-    optimizer = build_adam_optimizer(model, optimizer_config(lr=1e-2))
+    optimizer = build_optimizer(model, optimizer_config(lr=1e-2))
     return [
         train_step(
             model,
@@ -260,7 +260,9 @@ def test_moe_ep2_trains(dispatcher: str) -> None:
 
 
 def test_cpu_shims_idempotent_and_inert_under_cuda() -> None:
-    # Importing tiny_gpt installed them in this (CPU-only) process already.
+    # Whoever launches on CPU installs them (importing the harness does not): the first call
+    # patches, a second changes nothing.
+    install_cpu_shims()
     patched = (torch.cuda.current_device, torch.Tensor.cuda, torch.cuda.Stream)
     assert install_cpu_shims() is True
     assert (torch.cuda.current_device, torch.Tensor.cuda, torch.cuda.Stream) == patched
@@ -270,7 +272,7 @@ def test_cpu_shims_idempotent_and_inert_under_cuda() -> None:
         "import sys, torch\n"
         "torch.cuda.is_available = lambda: True\n"
         "before = (torch.cuda.current_device, torch.Tensor.cuda, torch.cuda.Stream)\n"
-        "from muon_megatron.testing.cpu_shims import install_cpu_shims\n"
+        "from muon_megatron.runtime.cpu_shims import install_cpu_shims\n"
         "assert install_cpu_shims() is False\n"
         "assert (torch.cuda.current_device, torch.Tensor.cuda, torch.cuda.Stream) == before\n"
         "assert not [m for m in sys.modules if m.startswith('megatron')]\n"

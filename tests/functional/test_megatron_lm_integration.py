@@ -15,7 +15,7 @@ from muon_megatron.testing.megatron_lm_run import megatron_lm_dir  # noqa: E402
 if megatron_lm_dir() is not None and megatron_lm_dir() not in sys.path:
     sys.path.insert(0, megatron_lm_dir())  # spawned ranks inherit sys.path
 if megatron_lm_dir() is not None and not __import__("torch").cuda.is_available():
-    from muon_megatron.testing.megatron_lm_shims import install_megatron_lm_cpu_shims
+    from muon_megatron.runtime.megatron_lm_shims import install_megatron_lm_cpu_shims
 
     install_megatron_lm_cpu_shims()  # before megatron.training is first imported
 
@@ -25,9 +25,9 @@ pytest.importorskip(
     "ship it; set MEGATRON_LM_DIR to a checkout of NVIDIA/Megatron-LM (core_v0.16.1)",
 )
 
-from muon_megatron.arguments import muon_extra_args_provider  # noqa: E402
 from muon_megatron.config import MuonConfig  # noqa: E402
-from muon_megatron.testing.launch import spawn  # noqa: E402
+from muon_megatron.megatron_lm.arguments import muon_extra_args_provider  # noqa: E402
+from muon_megatron.runtime.launch import spawn  # noqa: E402
 
 MEGATRON_ARGV = [
     "pretrain_gpt.py", "--optimizer", "muon", "--use-distributed-optimizer",
@@ -56,18 +56,20 @@ def _build_through_megatron_lm(rank: int, world_size: int) -> list[str]:
     from megatron.training import global_vars
     from megatron.training.arguments import parse_args
 
-    from muon_megatron import builder, megatron_lm, tiny_gpt
-    from muon_megatron.testing.megatron_lm_shims import install_megatron_lm_cpu_shims
+    from muon_megatron import megatron_lm
+    from muon_megatron.optimizer import builder
+    from muon_megatron.runtime.megatron_lm_shims import install_megatron_lm_cpu_shims
+    from muon_megatron.testing import tiny
 
     install_megatron_lm_cpu_shims()
     megatron_lm.install()
     sys.argv = MEGATRON_ARGV
     args = parse_args(extra_args_provider=muon_extra_args_provider)
     global_vars.set_args(args)
-    layout = tiny_gpt.Layout()
-    tiny_gpt.initialize_parallel(layout, seed=0)
-    model = tiny_gpt.build_model(tiny_gpt.ModelSpec(), layout)
-    config = tiny_gpt.optimizer_config(optimizer="muon")
+    layout = tiny.Layout()
+    tiny.initialize_parallel(layout, seed=0)
+    model = tiny.build_model(tiny.ModelSpec(), layout)
+    config = tiny.optimizer_config(optimizer="muon")
     optimizer = training.get_megatron_optimizer(config, model, use_gloo_process_groups=True)
     return [type(o).__name__ for o in builder.muon_optimizers(optimizer)]
 
@@ -85,7 +87,7 @@ def test_every_muon_flag_of_this_megatron_lm_is_honoured_or_refused(monkeypatch)
 
     from megatron.training import arguments
 
-    from muon_megatron.arguments import MEGATRON_LM_MUON_FLAGS, muon_flag
+    from muon_megatron.megatron_lm.arguments import MEGATRON_LM_MUON_FLAGS, muon_flag
 
     captured: list[argparse.ArgumentParser] = []
 

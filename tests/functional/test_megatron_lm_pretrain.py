@@ -377,7 +377,7 @@ def test_muon_checkpoint_into_adamw_is_refused_naming_the_supported_paths(
     dp4: Run, runs_dir: pathlib.Path
 ) -> None:
     out = _refused(runs_dir, "adam_from_muon", optimizer="adam", load=dp4)
-    assert "--no-load-optim" in out and "muon_megatron.checkpointing.load_checkpoint" in out, out[-4000:]
+    assert "--no-load-optim" in out and "muon_megatron.training.checkpointing.load_checkpoint" in out, out[-4000:]
 
 
 @pytest.mark.parametrize(

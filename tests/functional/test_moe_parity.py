@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from muon_megatron.config import MuonConfig
-from muon_megatron.verify import VerifySpec, run_verify
+from muon_megatron.tools.verify import VerifySpec, run_verify
 
 STEPS = 3
 MOE = {"experts": 4}

@@ -1,6 +1,6 @@
 """ZeRO-1 Muon vs the single-device reference, over real multi-process layouts (gloo, CPU).
 
-Each layout runs `muon_megatron.verify.run_verify`: the distributed optimizer trains a
+Each layout runs `muon_megatron.tools.verify.run_verify`: the distributed optimizer trains a
 tiny GPT from saved initial weights on deterministic global batches (every DP rank its own
 slice, DP gradients really reduced by Megatron's DDP), a world-1 process replays the same
 batches with `reference.Muon`, and every tensor's total update is compared.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from muon_megatron.config import MuonConfig
-from muon_megatron.testing.launch import spawn
-from muon_megatron.verify import (
+from muon_megatron.runtime.launch import spawn
+from muon_megatron.tools.verify import (
     BF16_TOLERANCE,
     FP32_TOLERANCE,
     NOISE_CEILING,
@@ -109,14 +109,14 @@ def test_update_rms_matches_adamw_in_moonlight_mode() -> None:
 
 
 def _force_norm_into_muon(rank: int, world: int) -> str:
-    from muon_megatron import tiny_gpt
-    from muon_megatron.builder import get_muon_optimizer
+    from muon_megatron.optimizer.builder import get_muon_optimizer
+    from muon_megatron.testing import tiny
 
-    layout = tiny_gpt.Layout()
-    tiny_gpt.initialize_parallel(layout, seed=0)
-    model = tiny_gpt.build_model(tiny_gpt.ModelSpec(), layout)
+    layout = tiny.Layout()
+    tiny.initialize_parallel(layout, seed=0)
+    model = tiny.build_model(tiny.ModelSpec(), layout)
     try:
-        get_muon_optimizer(tiny_gpt.optimizer_config(), model, is_muon=lambda name, p: True)
+        get_muon_optimizer(tiny.optimizer_config(), model, is_muon=lambda name, p: True)
     except ValueError as err:
         return str(err)
     return "no error"
@@ -130,7 +130,7 @@ def test_non_matrix_forced_into_muon_is_rejected() -> None:
 def test_unsupported_configs_are_rejected() -> None:
     from megatron.core.optimizer import OptimizerConfig
 
-    from muon_megatron.builder import check_supported
+    from muon_megatron.optimizer.builder import check_supported
 
     with pytest.raises(ValueError, match="fp16=True.*--bf16"):
         check_supported(OptimizerConfig(optimizer="muon", fp16=True, use_distributed_optimizer=True))

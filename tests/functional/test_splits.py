@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from muon_megatron.config import MuonConfig
-from muon_megatron.newton_schulz import newton_schulz, update_scale
-from muon_megatron.testing.launch import spawn
+from muon_megatron.ops.newton_schulz import newton_schulz
+from muon_megatron.ops.update import update_scale
+from muon_megatron.runtime.launch import spawn
 
 LR = 1.0
 QKV = "decoder.layers.0.self_attention.linear_qkv.weight"
@@ -34,13 +35,13 @@ NULL_SINGULAR_VALUE = 1e-4
 
 
 def _one_step_update(rank: int, world: int, split: bool) -> dict[str, torch.Tensor] | None:
-    from muon_megatron import tiny_gpt
-    from muon_megatron.builder import get_muon_optimizer
+    from muon_megatron.optimizer.builder import get_muon_optimizer
+    from muon_megatron.testing import tiny
 
-    spec, layout = tiny_gpt.ModelSpec(), tiny_gpt.Layout(tp=2)
-    tiny_gpt.initialize_parallel(layout, seed=7)
-    model = tiny_gpt.build_model(spec, layout)
-    before = tiny_gpt.full_state(model, layout)
+    spec, layout = tiny.ModelSpec(), tiny.Layout(tp=2)
+    tiny.initialize_parallel(layout, seed=7)
+    model = tiny.build_model(spec, layout)
+    before = tiny.full_state(model, layout)
     cfg = MuonConfig(
         muon_momentum=0.0,
         muon_nesterov=False,
@@ -48,18 +49,18 @@ def _one_step_update(rank: int, world: int, split: bool) -> dict[str, torch.Tens
         muon_split_qkv=split,
         muon_split_fc1=split,
     )
-    opt_config = tiny_gpt.optimizer_config(lr=LR, weight_decay=0.0, clip_grad=0.0)
+    opt_config = tiny.optimizer_config(lr=LR, weight_decay=0.0, clip_grad=0.0)
     optimizer = get_muon_optimizer(opt_config, model, cfg)
-    batch = tiny_gpt.global_batch(0, spec, 8, seed=7)
-    tiny_gpt.train_step(model, optimizer, batch, spec, layout, micro_batch_size=2)
-    after = tiny_gpt.full_state(model, layout)
+    batch = tiny.global_batch(0, spec, 8, seed=7)
+    tiny.train_step(model, optimizer, batch, spec, layout, micro_batch_size=2)
+    after = tiny.full_state(model, layout)
     # At DP1 the reduce-scatter leaves each TP shard's whole reduced gradient in main_grad.
     # This model is done with: write the gradients into the weights to un-shard them the same
     # way the weights were.
     with torch.no_grad():
         for param in model[0].parameters():
             param.copy_(param.main_grad)
-    grads = tiny_gpt.full_state(model, layout)
+    grads = tiny.full_state(model, layout)
     if before is None:
         return None
     return {

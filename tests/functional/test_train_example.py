@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from muon_megatron.demo import DEMO_FLAGS
+from muon_megatron.training.demo import DEMO_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 30
@@ -61,7 +61,7 @@ def test_loss_falls_under_tp2_ep2_moe(optimizer: str, tmp_path: pathlib.Path) ->
 
 
 def test_demo_runs_end_to_end_and_writes_the_plot(tmp_path: pathlib.Path) -> None:
-    stdout = _run([sys.executable, "-m", "muon_megatron.cli", "demo", "--train-iters", "5",
+    stdout = _run([sys.executable, "-m", "muon_megatron.tools.cli", "demo", "--train-iters", "5",
                       "--output-dir", str(tmp_path)])
     png = tmp_path / "loss_muon.png"
     assert f"> loss plot: {png}" in stdout

@@ -9,14 +9,14 @@ import typing
 
 import pytest
 
-from muon_megatron import cli
-from muon_megatron.arguments import (
+from muon_megatron.config import REFUSED_SCALE_MODES, MuonConfig
+from muon_megatron.megatron_lm.arguments import (
     chain_extra_args_providers,
     flags_markdown_table,
     muon_extra_args_provider,
     muon_flag,
 )
-from muon_megatron.config import REFUSED_SCALE_MODES, MuonConfig
+from muon_megatron.tools import cli
 
 FIELDS = dataclasses.fields(MuonConfig)
 DOCS_FLAGS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "flags.md"
@@ -128,7 +128,7 @@ def test_verify_cli_reads_the_muon_flags_before_it_starts_any_process() -> None:
 
 def test_docs_flags_table_matches_the_dataclass() -> None:
     """docs/flags.md embeds `flags_markdown_table()` verbatim between markers; regenerate
-    with `python -m muon_megatron.arguments` when MuonConfig changes."""
+    with `python -m muon_megatron.megatron_lm.arguments` when MuonConfig changes."""
     text = DOCS_FLAGS.read_text(encoding="utf-8")
     begin, end = "<!-- flags-table:begin -->\n", "<!-- flags-table:end -->"
     assert begin in text and end in text, "docs/flags.md lost its table markers"

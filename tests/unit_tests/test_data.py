@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from muon_megatron.data import VOCAB_SIZE, global_offsets, local_batch, stdlib_corpus
+from muon_megatron.training.data import VOCAB_SIZE, global_offsets, local_batch, stdlib_corpus
 
 
 def test_corpus_is_deterministic_and_split_by_whole_files() -> None:

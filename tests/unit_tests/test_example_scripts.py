@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
-from muon_megatron.model_size import count_parameters
-from muon_megatron.train_args import build_parser, validate_args
+from muon_megatron.training.args import build_parser, validate_args
+from muon_megatron.training.model_size import count_parameters
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 SCRIPTS = {"cpu_demo.sh": 4, "h100_single_node_moe.sh": 8, "moonlight_multinode.sbatch": 32}

@@ -9,12 +9,12 @@ import argparse
 
 import pytest
 
-from muon_megatron.arguments import (
+from muon_megatron.config import MuonConfig
+from muon_megatron.megatron_lm.arguments import (
     MEGATRON_LM_MUON_FLAGS,
     muon_config_from_args,
     muon_extra_args_provider,
 )
-from muon_megatron.config import MuonConfig
 
 
 def _megatron_lm_parser(tag: str, with_ours: bool = True) -> argparse.ArgumentParser:

@@ -11,11 +11,10 @@ import types
 
 import pytest
 
-from muon_megatron import builder
-from muon_megatron.megatron_lm import checkpoints, hooks, metrics
-from muon_megatron.arguments import muon_extra_args_provider
 from muon_megatron.config import MuonConfig
-
+from muon_megatron.megatron_lm import checkpoints, hooks, metrics
+from muon_megatron.megatron_lm.arguments import muon_extra_args_provider
+from muon_megatron.optimizer import builder
 
 PRINTED: list[str] = []
 

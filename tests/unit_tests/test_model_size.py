@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from muon_megatron.model_size import count_parameters
-from muon_megatron.testing.launch import spawn
-from muon_megatron.train_args import build_parser
+from muon_megatron.runtime.launch import spawn
+from muon_megatron.training.args import build_parser
+from muon_megatron.training.model_size import count_parameters
 
 # A dense first layer then MoE layers, GQA, untied output; one variant with LayerNorm and
 # linear biases, one with RMSNorm and shared experts (megatron's shared experts take no bias):
@@ -23,7 +23,7 @@ SHARED = ["--disable-bias-linear", "--normalization", "RMSNorm",
 
 
 def _built_count(rank: int, world_size: int, flags: list[str]) -> int:
-    from muon_megatron import model_setup
+    from muon_megatron.training import model as model_setup
 
     args = build_parser().parse_args(flags)
     model_setup.initialize_parallel(args)

@@ -1,4 +1,4 @@
-"""Math of `muon_megatron.newton_schulz` on CPU: singular-value bands, layout invariances,
+"""Math of `muon_megatron.ops.newton_schulz` on CPU: singular-value bands, layout invariances,
 bitwise parity with torch's Muon, coefficient tables, update scales and the elementwise
 momentum / weight-decay formulas."""
 
@@ -10,16 +10,13 @@ import pytest
 import torch
 from torch.optim._muon import _zeropower_via_newtonschulz
 
-from muon_megatron.newton_schulz import (
+from muon_megatron.ops.newton_schulz import (
     POLAR_EXPRESS_COEFFICIENTS,
     QUINTIC_COEFFICIENTS,
-    apply_update_,
     coefficient_schedule,
-    momentum_update_,
-    nesterov_input,
     newton_schulz,
-    update_scale,
 )
+from muon_megatron.ops.update import apply_update_, momentum_update_, nesterov_input, update_scale
 
 SHAPES = [(64, 64), (96, 32), (32, 96)]
 DTYPES = ["fp32", "bf16"]

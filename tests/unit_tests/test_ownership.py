@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from muon_megatron.newton_schulz import ns_flops
-from muon_megatron.ownership import LOCALITY_SLACK, assign_owners, load_per_rank
+from muon_megatron.ops.newton_schulz import ns_flops
+from muon_megatron.optimizer.ownership import LOCALITY_SLACK, assign_owners, load_per_rank
 
 # Issue target: the busiest rank does at most 15% more Newton-Schulz work than the mean.
 MAX_OVER_MEAN = 1.15
@@ -81,7 +81,7 @@ def test_assignment_is_the_same_in_every_process() -> None:
     costs = [3.0, 3.0, 2.0, 2.0, 2.0, 1.0, 7.5, 0.25]
     holders = [{0: 1}, {}, {1: 2, 2: 2}, {}, {2: 1}, {}, {0: 3, 1: 3}, {}]
     code = (
-        "from muon_megatron.ownership import assign_owners; "
+        "from muon_megatron.optimizer.ownership import assign_owners; "
         f"print(assign_owners({costs!r}, 3, {holders!r}))"
     )
     outputs = {

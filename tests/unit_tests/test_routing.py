@@ -1,4 +1,4 @@
-"""`muon_megatron.routing`: which parameters are Muon matrices and how fused Megatron
+"""`muon_megatron.routing.rules`: which parameters are Muon matrices and how fused Megatron
 weights split into logical matrices, at TP 1 and across TP ranks. Every comparison is of
 copied values, so all of them are exact (rtol=0, atol=0)."""
 
@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from muon_megatron.config import MuonConfig
-from muon_megatron.routing import (
+from muon_megatron.routing.rules import is_muon_param, param_kind
+from muon_megatron.routing.splits import (
     combine_tp_pieces,
     extract_pieces,
     insert_pieces,
-    is_muon_param,
     matrix_split,
-    param_kind,
     split_tp_matrix,
 )
 

@@ -9,7 +9,7 @@ What one run does, rank by rank:
 
 * processes: under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK set) each process joins with
   nccl when CUDA is available (gloo otherwise); without torchrun on CPU, `--world-size` gloo
-  processes are spawned (`muon_megatron.testing.launch`). The CPU shims for megatron-core are
+  processes are spawned (`muon_megatron.runtime.launch`). The CPU shims for megatron-core are
   installed only when CUDA is absent.
 * model: megatron-core's `GPTModel` (Transformer Engine layers when TE imports and CUDA is
   there, megatron's local layers otherwise), MoE layers per `--moe-layer-freq`, wrapped in
@@ -17,7 +17,7 @@ What one run does, rank by rank:
 * optimizer: `get_muon_optimizer` for `--optimizer muon` (Muon for 2-D hidden weights, AdamW
   for the rest), `get_megatron_optimizer` for `--optimizer adam`; lr and weight decay follow
   megatron's `OptimizerParamScheduler` (warmup, then the decay style) for both.
-* data: `muon_megatron.data` (stdlib sources, bytes); each DP rank reads its own rows.
+* data: `muon_megatron.training.data` (stdlib sources, bytes); each DP rank reads its own rows.
 * output: Megatron-style log lines on rank 0; `<output-dir>/<optimizer>.json` (every
   iteration's loss, lr, grad norm, update RMS, throughput, the validation losses and the
   arguments) and `<output-dir>/loss_<optimizer>.png`.
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from muon_megatron.train_args import build_parser, default_world_size, validate_args
+from muon_megatron.training.args import build_parser, default_world_size, validate_args
 
 __all__ = ["build_parser", "main", "run", "plot_losses", "trailing_mean"]
 
@@ -61,7 +61,7 @@ def launch(args: argparse.Namespace) -> dict[str, Any] | None:
         )
     world_size = args.world_size or default_world_size(args)
     validate_args(args, world_size)
-    from muon_megatron.testing.launch import spawn
+    from muon_megatron.runtime.launch import spawn
 
     with _quiet_cpu_children():
         return spawn(_spawned_rank, world_size, args, timeout_s=args.timeout_s)[0]
@@ -108,7 +108,7 @@ def _run_under_torchrun(args: argparse.Namespace) -> dict[str, Any] | None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     else:
-        from muon_megatron.testing.cpu_shims import install_cpu_shims
+        from muon_megatron.runtime.cpu_shims import install_cpu_shims
 
         install_cpu_shims()
         backend = "gloo"
@@ -137,13 +137,14 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train on this rank (torch.distributed initialised); rank 0 returns the summary."""
     from megatron.core import parallel_state
 
-    from muon_megatron import model_setup
-    from muon_megatron.data import local_batch, stdlib_corpus
+    from muon_megatron.training import model as gpt
+    from muon_megatron.training import step
+    from muon_megatron.training.data import local_batch, stdlib_corpus
 
     t_start = time.perf_counter()
-    model_setup.initialize_parallel(args)
-    model = model_setup.build_model(args)
-    optimizer, scheduler = model_setup.build_optimizer(args, model)
+    gpt.initialize_parallel(args)
+    model = gpt.build_model(args)
+    optimizer, scheduler = step.build_optimizer_and_scheduler(args, model)
     start = load_if_present(args, model, optimizer, scheduler) if args.load else 0
     corpus = stdlib_corpus()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         seed = args.seed if split == "train" else args.seed + 1
         b = local_batch(tokens, args.seq_length, args.global_batch_size, iteration, seed,
                         dp_rank, dp_size)
-        return {k: v.to(model_setup.device()) for k, v in b.items()}
+        return {k: v.to(gpt.device()) for k, v in b.items()}
 
     log: dict[str, Any] = {
         "optimizer": args.optimizer,
@@ -173,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "validation": [],
     }
     if rank == 0:
-        local = model_setup.local_parameter_count(model)
+        local = gpt.local_parameter_count(model)
         print(
             f"> {args.optimizer} | world {log['world_size']} = tp {args.tensor_model_parallel_size}"
             f" x pp {args.pipeline_model_parallel_size} x dp {dp_size}"
@@ -189,7 +190,12 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     for iteration in range(start + 1, args.train_iters + 1):
         t0 = time.perf_counter()
         lr = max(group["lr"] for group in optimizer.param_groups)
-        loss = model_setup.forward_backward(args, model, batch("train", iteration))
+        loss = step.forward_backward(
+            model,
+            batch("train", iteration),
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+        )
         update_ok, grad_norm, _ = optimizer.step()
         scheduler.step(increment=args.global_batch_size)
         dt = time.perf_counter() - t0
@@ -199,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             "loss": loss,
             "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm),
-            "update_rms": model_setup.update_rms(optimizer),
+            "update_rms": step.update_rms(optimizer),
             "seconds": dt,
             "tokens_per_s": tokens_per_iter / dt,
             "skipped": not update_ok,
@@ -213,7 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         if args.eval_interval and (
             iteration % args.eval_interval == 0 or iteration == args.train_iters
         ):
-            val = model_setup.evaluate(args, model, lambda i: batch("valid", i))
+            val = step.evaluate(args, model, lambda i: batch("valid", i))
             log["validation"].append({"iteration": iteration, "loss": val})
             if rank == 0:
                 print(f" validation loss at iteration {iteration:6d} | lm loss: {val:.6E} |"
@@ -238,7 +244,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 def load_if_present(args: argparse.Namespace, model: list, optimizer: Any, scheduler: Any) -> int:
     """Resume from `--load` (Megatron-LM layout: `iter_NNNNNNN/` + the tracker file); returns
     the iteration loaded, 0 when `--load` holds no checkpoint yet (as Megatron-LM does)."""
-    from muon_megatron import checkpointing
+    from muon_megatron.training import checkpointing
 
     tracker = os.path.join(args.load, TRACKER)
     if not os.path.isfile(tracker):
@@ -263,7 +269,7 @@ def load_if_present(args: argparse.Namespace, model: list, optimizer: Any, sched
 def save(args: argparse.Namespace, model: list, optimizer: Any, scheduler: Any,
          iteration: int) -> None:
     """Save to `--save/iter_NNNNNNN` and point the tracker file at it (collective)."""
-    from muon_megatron import checkpointing
+    from muon_megatron.training import checkpointing
 
     ckpt_dir = os.path.join(args.save, f"iter_{iteration:07d}")
     checkpointing.save_checkpoint(ckpt_dir, model, optimizer, scheduler, iteration)

@@ -115,7 +115,7 @@ class VerifySpec:
 
 
 def _model_spec(spec: VerifySpec):
-    from muon_megatron.tiny_gpt import ModelSpec
+    from muon_megatron.testing.tiny import ModelSpec
 
     return ModelSpec(
         num_layers=2 * spec.pp,
@@ -127,7 +127,7 @@ def _model_spec(spec: VerifySpec):
 
 
 def _layout(spec: VerifySpec, distributed: bool):
-    from muon_megatron.tiny_gpt import Layout
+    from muon_megatron.testing.tiny import Layout
 
     if not distributed:
         return Layout()
@@ -135,48 +135,28 @@ def _layout(spec: VerifySpec, distributed: bool):
     return Layout(tp=spec.tp, pp=spec.pp, ep=spec.ep, etp=spec.etp, sequence_parallel=seq_par)
 
 
-def _scheduler(optimizer, spec: VerifySpec):
-    """Megatron's own scheduler, constant lr/wd: it applies wd_mult (no decay on biases
-    and 1-D params) exactly as a training run does."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=spec.lr,
-        max_lr=spec.lr,
-        min_lr=spec.lr,
-        lr_warmup_steps=0,
-        lr_decay_steps=spec.steps,
-        lr_decay_style="constant",
-        start_wd=spec.weight_decay,
-        end_wd=spec.weight_decay,
-        wd_incr_steps=spec.steps,
-        wd_incr_style="constant",
-    )
-
-
 def _distributed_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig, root: str):
-    from muon_megatron import tiny_gpt
-    from muon_megatron.builder import get_muon_optimizer, muon_optimizers
+    from muon_megatron.optimizer.builder import muon_optimizers
+    from muon_megatron.testing import tiny
 
     layout = _layout(spec, distributed=True)
     model_spec = _model_spec(spec)
-    tiny_gpt.initialize_parallel(layout, spec.seed)
-    model = tiny_gpt.build_model(model_spec, layout)
-    tiny_gpt.save_model(model, os.path.join(root, "init"))
-    opt_config = tiny_gpt.optimizer_config(
+    tiny.initialize_parallel(layout, spec.seed)
+    model = tiny.build_model(model_spec, layout)
+    tiny.save_model(model, os.path.join(root, "init"))
+    opt_config = tiny.optimizer_config(
         lr=spec.lr, weight_decay=spec.weight_decay, bf16=spec.bf16_params, clip_grad=spec.clip_grad
     )
-    optimizer = get_muon_optimizer(opt_config, model, cfg)
-    scheduler = _scheduler(optimizer, spec)
+    # A constant lr / wd scheduler applies wd_mult (no decay on biases and 1-D params)
+    # exactly as a training run does.
+    optimizer = tiny.build_optimizer(model, opt_config, cfg)
     losses = []
     for step in range(spec.steps):
-        batch = tiny_gpt.global_batch(step, model_spec, spec.global_batch_size, spec.seed)
+        batch = tiny.global_batch(step, model_spec, spec.global_batch_size, spec.seed)
         losses.append(
-            tiny_gpt.train_step(model, optimizer, batch, model_spec, layout, spec.micro_batch_size)
+            tiny.train_step(model, optimizer, batch, model_spec, layout, spec.micro_batch_size)
         )
-        scheduler.step(1)
-    tiny_gpt.save_model(model, os.path.join(root, "final"))
+    tiny.save_model(model, os.path.join(root, "final"))
     muons = muon_optimizers(optimizer)
     return {
         "losses": losses,
@@ -229,15 +209,15 @@ class _ReferenceStepper:
 
 
 def _reference_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig, root: str):
-    from muon_megatron import tiny_gpt
-    from muon_megatron.routing import is_muon_param
+    from muon_megatron.routing.rules import is_muon_param
+    from muon_megatron.testing import tiny
 
     layout = _layout(spec, distributed=False)
     model_spec = _model_spec(spec)
-    tiny_gpt.initialize_parallel(layout, spec.seed)
-    model = tiny_gpt.build_model(model_spec, layout)
+    tiny.initialize_parallel(layout, spec.seed)
+    model = tiny.build_model(model_spec, layout)
     init_path = os.path.join(root, "init")
-    tiny_gpt.load_model(model, init_path)
+    tiny.load_model(model, init_path)
     init = {n: p.detach().float().clone() for n, p in model[0].named_parameters()}
     losses, reference = _train_reference(model, model_spec, layout, spec, cfg, spec.micro_batch_size)
     ref_final = {n: p.detach().float().clone() for n, p in model[0].named_parameters()}
@@ -245,10 +225,10 @@ def _reference_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig, 
     # gradient summed in another order (other micro-batches: the same mean loss, another
     # fp32 reduction order and matmul blocking), compared with the first exactly as the
     # distributed run is. See NOISE_GAIN.
-    tiny_gpt.load_model(model, init_path)
+    tiny.load_model(model, init_path)
     _train_reference(model, model_spec, layout, spec, cfg, _reordered_micro_batch(spec))
     noise_final = {n: p.detach().float().clone() for n, p in model[0].named_parameters()}
-    tiny_gpt.load_model(model, os.path.join(root, "final"))
+    tiny.load_model(model, os.path.join(root, "final"))
     dist_final = {n: p.detach().float().clone() for n, p in model[0].named_parameters()}
     errors, noise = {}, {}
     for name, w0 in init.items():
@@ -271,8 +251,8 @@ def _reordered_micro_batch(spec: VerifySpec) -> int:
 def _train_reference(model, model_spec, layout, spec: VerifySpec, cfg: MuonConfig, micro_batch: int):
     from megatron.core.utils import get_model_config
 
-    from muon_megatron import tiny_gpt
     from muon_megatron.reference import ModelShape, Muon
+    from muon_megatron.testing import tiny
 
     named = [(n, p) for n, p in model[0].named_parameters() if p.requires_grad]
     shape = ModelShape.from_transformer_config(get_model_config(model[0]))
@@ -289,8 +269,8 @@ def _train_reference(model, model_spec, layout, spec: VerifySpec, cfg: MuonConfi
     stepper = _ReferenceStepper(named, make_reference, spec.clip_grad)
     losses = []
     for step in range(spec.steps):
-        batch = tiny_gpt.global_batch(step, model_spec, spec.global_batch_size, spec.seed)
-        losses.append(tiny_gpt.train_step(model, stepper, batch, model_spec, layout, micro_batch))
+        batch = tiny.global_batch(step, model_spec, spec.global_batch_size, spec.seed)
+        losses.append(tiny.train_step(model, stepper, batch, model_spec, layout, micro_batch))
     return losses, stepper.reference
 
 
@@ -311,7 +291,7 @@ def family_diffs(errors: dict[str, tuple[str, float, float]]) -> dict[str, float
 
 def run_verify(spec: VerifySpec, cfg: MuonConfig) -> dict:
     """Run both phases (spawning processes over gloo here) and return the comparison."""
-    from muon_megatron.testing.launch import spawn
+    from muon_megatron.runtime.launch import spawn
 
     with tempfile.TemporaryDirectory(prefix="muon-verify-") as root:
         dist_out = spawn(_distributed_worker, spec.world_size, spec, cfg, root)

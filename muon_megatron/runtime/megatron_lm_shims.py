@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from muon_megatron.testing.cpu_shims import (
+from muon_megatron.runtime.cpu_shims import (
     _FACTORY_NAMES,
     _cpu_for_cuda_device,
     _is_shim,

@@ -129,7 +129,7 @@ class MuonCheckpointMixin:
                     f"{self._param_label(model_param)} is an AdamW parameter in this run but the "
                     "checkpoint holds Muon momentum for it: it was saved with a different Muon "
                     "parameter set. Build the optimizer with the routing (is_muon) of the run "
-                    "that saved it, or load through muon_megatron.checkpointing.load_checkpoint, "
+                    "that saved it, or load through muon_megatron.training.checkpointing.load_checkpoint, "
                     "which converts a whole-run optimizer switch."
                 )
             return super()._set_main_param_and_optimizer_states(model_param, tensors)
@@ -142,7 +142,7 @@ class MuonCheckpointMixin:
                 f"{names[model_param]}: the checkpoint has no Muon momentum for this Muon "
                 f"parameter (it holds {sorted(k for k in tensors if k != 'padding')}). Build the "
                 "optimizer with the routing (is_muon) of the run that saved it; to start Muon "
-                "from an AdamW checkpoint load it with muon_megatron.checkpointing.load_checkpoint."
+                "from an AdamW checkpoint load it with muon_megatron.training.checkpointing.load_checkpoint."
             )
         main_param, _ = self._main_param_and_state(model_param)
         with torch.no_grad():
@@ -352,14 +352,14 @@ class MuonCheckpointMixin:
         raise NotImplementedError(
             "the legacy torch.save parameter-state format cannot hold Muon momentum: with "
             "Megatron-LM use --ckpt-format torch_dist (its default); from Python, save with "
-            "muon_megatron.checkpointing.save_checkpoint."
+            "muon_megatron.training.checkpointing.save_checkpoint."
         )
 
     def load_parameter_state(self, filename: str, *, update_legacy_format=False):
         raise NotImplementedError(
             "the legacy torch.save parameter-state format cannot hold Muon momentum: with "
             "Megatron-LM use --ckpt-format torch_dist (its default); from Python, load with "
-            "muon_megatron.checkpointing.load_checkpoint."
+            "muon_megatron.training.checkpointing.load_checkpoint."
         )
 
 

@@ -2,7 +2,7 @@
 
 Four gloo processes, TP2 x EP2 with sequence parallelism (data-parallel 2), 4 experts with
 top-2 routing in every layer, SwiGLU, byte-level text from the Python standard library. It
-runs the same training entry as `examples/pretrain_moe.py` (`muon_megatron.train`) and ends
+runs the same training entry as `examples/pretrain_moe.py` (`muon_megatron.training.entry`) and ends
 by printing where the loss curve went. `--compare-adam` trains the same model with AdamW at
 the same lr and weight decay (Moonlight's recipe) and plots both curves together.
 
@@ -79,7 +79,7 @@ def _schedule_flags(train_iters: int) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns a process exit code."""
-    from muon_megatron.train import build_parser, launch, plot_losses
+    from muon_megatron.training.entry import build_parser, launch, plot_losses
 
     own, rest = _parser().parse_known_args(list(argv or []))
     if own.train_iters < 1:

@@ -85,7 +85,7 @@ def _child(
     # Two cores shared by up to four ranks: more threads only oversubscribe.
     torch.set_num_threads(1)
     try:
-        from muon_megatron.testing.cpu_shims import install_cpu_shims
+        from muon_megatron.runtime.cpu_shims import install_cpu_shims
 
         install_cpu_shims()
         torch.distributed.init_process_group(

@@ -1,8 +1,9 @@
-"""Muon's math on plain tensors: Newton-Schulz, update scaling, momentum, weight decay.
+"""Newton-Schulz orthogonalization on plain tensors, and its coefficient tables.
 
-This module never imports `torch.distributed`: the distributed optimizer only moves
-tensors around and calls these functions, and the single-device reference calls the same
-ones, so every layout is compared against one definition of the arithmetic.
+This module (like `ops.update`) never imports `torch.distributed`: the distributed
+optimizer only moves tensors around and calls these functions, and the single-device
+reference calls the same ones, so every layout is compared against one definition of the
+arithmetic.
 
 The Newton-Schulz loop mirrors `torch.optim._muon._zeropower_via_newtonschulz`
 operation for operation (cast, transpose-if-tall, normalize, `addmm` twice per step) so
@@ -11,12 +12,9 @@ that with the quintic coefficients in bf16 it is the same arithmetic as torch's 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-
 import torch
 
-from muon_megatron.config import CoefficientSet, NSDtype, ScaleMode
+from muon_megatron.config import CoefficientSet, NSDtype
 
 __all__ = [
     "QUINTIC_COEFFICIENTS",
@@ -24,10 +22,6 @@ __all__ = [
     "coefficient_schedule",
     "newton_schulz",
     "ns_flops",
-    "update_scale",
-    "momentum_update_",
-    "nesterov_input",
-    "apply_update_",
 ]
 
 # Keller Jordan's quintic, used unchanged by Moonlight and torch.optim.Muon.
@@ -113,75 +107,3 @@ def ns_flops(rows: int, cols: int, steps: int) -> int:
     """
     n, m = min(rows, cols), max(rows, cols)
     return steps * (4 * n * n * m + 2 * n**3)
-
-
-def update_scale(
-    mode: ScaleMode,
-    rows: int,
-    cols: int,
-    matched_adamw_rms: float = 0.2,
-    extra_scale_factor: float = 1.0,
-) -> float:
-    """Multiplier of the orthogonalized update of a rows x cols (A x B, out x in) matrix.
-
-    'moonlight': matched_adamw_rms * sqrt(max(A, B)). An orthogonal A x B matrix has RMS
-    1/sqrt(max(A, B)), so this gives the update an RMS of `matched_adamw_rms`, the RMS of
-    a typical AdamW update (Moonlight, arXiv 2502.16982, Sec. 2.2).
-    'shape_scaling': sqrt(max(1, A / B)) (Keller Jordan's original Muon), and
-    'unit_rms_norm': sqrt(A / B), both with megatron-core's names and meaning.
-    'none': 1.
-    Every mode is multiplied by `extra_scale_factor` (megatron-core's
-    `muon_extra_scale_factor`).
-    """
-    if mode == "moonlight":
-        scale = matched_adamw_rms * math.sqrt(max(rows, cols))
-    elif mode == "shape_scaling":
-        scale = math.sqrt(max(1.0, rows / cols))
-    elif mode == "unit_rms_norm":
-        scale = math.sqrt(rows / cols)
-    elif mode == "none":
-        scale = 1.0
-    else:
-        raise ValueError(
-            f"scale_mode={mode!r} is unknown; use 'moonlight', 'shape_scaling', "
-            "'unit_rms_norm' or 'none'."
-        )
-    return scale * extra_scale_factor
-
-
-def momentum_update_(buf: torch.Tensor, grad: torch.Tensor, momentum: float) -> torch.Tensor:
-    """EMA momentum in place: buf <- momentum * buf + (1 - momentum) * grad.
-
-    The EMA form (torch.optim.Muon, AdamW's exp_avg) differs from Moonlight's
-    buf <- mu*buf + g only by the factor (1 - mu), which Newton-Schulz normalizes away.
-    """
-    return buf.lerp_(grad, 1.0 - momentum)
-
-
-def nesterov_input(
-    grad: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool
-) -> torch.Tensor:
-    """What Newton-Schulz orthogonalizes: (1 - mu) g + mu buf with Nesterov, else buf."""
-    return grad.lerp(buf, momentum) if nesterov else buf
-
-
-def apply_update_(
-    param: torch.Tensor,
-    update: torch.Tensor,
-    lr: float,
-    weight_decay: float,
-    scale: float,
-) -> torch.Tensor:
-    """Decoupled weight decay then the step: p <- p (1 - lr wd) - lr scale update."""
-    param.mul_(1.0 - lr * weight_decay)
-    return param.add_(update.to(param.dtype), alpha=-lr * scale)
-
-
-def check_matrix_shapes(shapes: Sequence[torch.Size]) -> None:
-    """Raise if any shape is not 2-D (a Muon matrix must be a matrix)."""
-    for shape in shapes:
-        if len(shape) != 2:
-            raise ValueError(
-                f"Muon needs 2-D matrices, got a parameter of shape {tuple(shape)}; route it "
-                "to AdamW (leave it out of the Muon parameter set)."
-            )

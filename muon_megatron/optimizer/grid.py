@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from muon_megatron.hang_watch import watched
+from muon_megatron.optimizer.hang_watch import watched
 
 __all__ = ["Grid", "build_grid", "all_to_all"]
 

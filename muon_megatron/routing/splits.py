@@ -1,4 +1,4 @@
-"""Which parameters Muon updates, and how a fused weight splits into logical matrices.
+"""How a fused Megatron weight splits into the logical matrices Muon orthogonalizes.
 
 Muon must orthogonalize each *logical* matrix on its own: one MoE expert, Q / K / V, the
 SwiGLU gate and up projections. Megatron stores these fused, and under tensor parallelism
@@ -14,7 +14,6 @@ update.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -22,14 +21,12 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from muon_megatron.config import MuonConfig
+from muon_megatron.routing.rules import param_kind
 
 if TYPE_CHECKING:
     from megatron.core.transformer import TransformerConfig
 
 __all__ = [
-    "ADAMW_NAME_PARTS",
-    "is_muon_param",
-    "param_kind",
     "MatrixSplit",
     "ModelShape",
     "matrix_split",
@@ -39,44 +36,7 @@ __all__ = [
     "split_tp_matrix",
 ]
 
-# Substrings of parameter names that always stay on AdamW, whatever their shape
-# (Moonlight: embeddings, output head, norms; DeepSeek-style MoE adds the router).
-ADAMW_NAME_PARTS: tuple[str, ...] = ("embedding", "output_layer", "router", "norm")
-
-Kind = Literal["plain", "qkv", "fc1", "grouped_fc1", "grouped_fc2"]
 TPMode = Literal["concat", "per_rank", "replicated"]
-
-
-def canonical_name(name: str) -> str:
-    """Strip the wrappers' prefixes (DDP / Float16Module add `module.`)."""
-    while name.startswith("module."):
-        name = name[len("module.") :]
-    return name
-
-
-def is_muon_param(name: str, param: torch.Tensor) -> bool:
-    """Default routing: 2-D hidden weights go to Muon; everything else to AdamW."""
-    name = canonical_name(name)
-    if param.ndim != 2 or name.endswith("bias"):
-        return False
-    return not any(part in name for part in ADAMW_NAME_PARTS)
-
-
-_TE_GROUPED_FC1 = re.compile(r"\.linear_fc1\.weight\d+$")
-
-
-def param_kind(name: str) -> Kind:
-    """The fused layout a Muon parameter has, from its Megatron name."""
-    name = canonical_name(name)
-    if name.endswith("self_attention.linear_qkv.weight"):
-        return "qkv"
-    if name.endswith("linear_fc1.weight") or _TE_GROUPED_FC1.search(name):
-        return "fc1"
-    if name.endswith("experts.weight1"):
-        return "grouped_fc1"
-    if name.endswith("experts.weight2"):
-        return "grouped_fc2"
-    return "plain"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from muon_megatron.train_args import model_dims, moe_layer_pattern
+from muon_megatron.training.args import model_dims, moe_layer_pattern
 
 __all__ = ["ParamCount", "count_parameters"]
 

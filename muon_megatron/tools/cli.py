@@ -6,13 +6,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from muon_megatron.arguments import add_muon_config_args, muon_config_from_args
+from muon_megatron.megatron_lm.arguments import add_muon_config_args, muon_config_from_args
 
 __all__ = ["main", "add_muon_config_args"]
 
 
 def _verify(argv: Sequence[str]) -> int:
-    from muon_megatron.verify import VerifySpec, run_verify
+    from muon_megatron.tools.verify import VerifySpec, run_verify
 
     parser = argparse.ArgumentParser(
         prog="muon-megatron verify",
@@ -67,13 +67,13 @@ def _verify(argv: Sequence[str]) -> int:
 
 
 def _demo(argv: Sequence[str]) -> int:
-    from muon_megatron import demo
+    from muon_megatron.training import demo
 
     return demo.main(argv)
 
 
 def _bench(argv: Sequence[str]) -> int:
-    from muon_megatron import bench
+    from muon_megatron.tools import bench
 
     return bench.main(argv)
 

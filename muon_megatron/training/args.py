@@ -13,10 +13,17 @@ import math
 import re
 from typing import Any
 
-from muon_megatron.arguments import add_muon_config_args, muon_config_from_args
-from muon_megatron.data import VOCAB_SIZE
+from muon_megatron.megatron_lm.arguments import add_muon_config_args, muon_config_from_args
+from muon_megatron.training.data import VOCAB_SIZE
 
-__all__ = ["build_parser", "validate_args", "default_world_size", "moe_layer_pattern"]
+__all__ = [
+    "build_parser",
+    "layout_errors",
+    "validate_args",
+    "default_world_size",
+    "moe_layer_pattern",
+    "model_dims",
+]
 
 
 def _moe_layer_freq(text: str) -> int | list[int]:
@@ -166,8 +173,9 @@ def default_world_size(args: argparse.Namespace) -> int:
     return dp * tp * pp
 
 
-def validate_args(args: argparse.Namespace, world_size: int) -> None:
-    """Raise ValueError, naming the value and the fix, for settings that cannot run."""
+def layout_errors(args: argparse.Namespace, world_size: int) -> list[str]:
+    """What keeps the model from running under its parallel layout on `world_size` ranks,
+    one message per problem naming the flag and the fix ([] when it can run)."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     ep, etp = args.expert_model_parallel_size, _etp(args)
     errors: list[str] = []
@@ -179,9 +187,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     need(world_size % (tp * pp) == 0,
          f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}")
     dp = world_size // (tp * pp) if world_size % (tp * pp) == 0 else 1
-    need(args.global_batch_size % (args.micro_batch_size * dp) == 0,
-         f"--global-batch-size {args.global_batch_size} must be a multiple of "
-         f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dp}")
     need(args.num_attention_heads % tp == 0,
          f"--num-attention-heads {args.num_attention_heads} is not divisible by tp={tp}")
     if args.group_query_attention:
@@ -212,6 +217,22 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         need(len(moe_layer_pattern(args)) == args.num_layers,
              f"--moe-layer-freq pattern has {len(moe_layer_pattern(args))} entries for "
              f"{args.num_layers} layers")
+    return errors
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> None:
+    """Raise ValueError, naming the value and the fix, for settings that cannot run."""
+    errors = layout_errors(args, world_size)
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    dp = world_size // (tp * pp) if world_size % (tp * pp) == 0 else 1
+    need(args.global_batch_size % (args.micro_batch_size * dp) == 0,
+         f"--global-batch-size {args.global_batch_size} must be a multiple of "
+         f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dp}")
     need(not args.fp16, "--fp16 is not supported with muon-megatron; use --bf16")
     need(args.vocab_size >= VOCAB_SIZE,
          f"--vocab-size {args.vocab_size} is below the byte tokenizer's {VOCAB_SIZE}")

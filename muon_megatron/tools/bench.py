@@ -2,7 +2,7 @@
 
 One spawn of `world` gloo processes trains a small megatron-core GPT (and an MoE) under each
 layout (DP4, TP2 x DP2, MoE EP2 x DP2 by default) with each optimizer, from the same initial
-weights on the same batches (`tiny_gpt.global_batch`). Every optimizer gets `warmup` steps,
+weights on the same batches (`tiny.global_batch`). Every optimizer gets `warmup` steps,
 then `steps` measured ones. Forward and backward run every step and are not measured; around
 `optimizer.step()` only, each rank records:
 
@@ -104,7 +104,7 @@ class BenchConfig:
     muon_bucket_mb: float = field(default=256.0)
 
     def model_spec(self, layout: str):
-        from muon_megatron.tiny_gpt import ModelSpec
+        from muon_megatron.testing.tiny import ModelSpec
 
         moe = layout.startswith("moe")
         return ModelSpec(
@@ -166,7 +166,7 @@ def mcore_muon_status() -> tuple[bool, str]:
 
 
 class _Probe:
-    """Wraps `newton_schulz` and `all_to_all` as `muon_megatron.distributed` calls them."""
+    """Wraps `newton_schulz` and `all_to_all` as `muon_megatron.optimizer.distributed` calls them."""
 
     def __init__(self) -> None:
         self.ns_flops = 0.0
@@ -176,8 +176,8 @@ class _Probe:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[_Probe]:
-        from muon_megatron import distributed
-        from muon_megatron.newton_schulz import ns_flops
+        from muon_megatron.ops.newton_schulz import ns_flops
+        from muon_megatron.optimizer import distributed
 
         ns, a2a = distributed.newton_schulz, distributed.all_to_all
 
@@ -214,26 +214,14 @@ class _Probe:
 
 
 def _build_optimizer(name: str, cfg: BenchConfig, model: list) -> Any:
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    from muon_megatron import tiny_gpt
-    from muon_megatron.builder import get_muon_optimizer
     from muon_megatron.config import MuonConfig
+    from muon_megatron.testing import tiny
 
-    config = tiny_gpt.optimizer_config(lr=cfg.lr, weight_decay=cfg.weight_decay, bf16=cfg.bf16)
-    if OPTIMIZERS[name] is None:
-        return tiny_gpt.build_adam_optimizer(model, config)
-    muon_config = MuonConfig(muon_bucket_mb=cfg.muon_bucket_mb, **OPTIMIZERS[name])
-    optimizer = get_muon_optimizer(config, model, muon_config)
-    # As tiny_gpt.build_adam_optimizer: the scheduler turns wd_mult into each group's wd.
-    OptimizerParamScheduler(
-        optimizer, init_lr=cfg.lr, max_lr=cfg.lr, min_lr=cfg.lr, lr_warmup_steps=0,
-        lr_decay_steps=1, lr_decay_style="constant", start_wd=cfg.weight_decay,
-        end_wd=cfg.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
-    )
-    for chunk in model:
-        tiny_gpt.unwrap(chunk).config.grad_scale_func = optimizer.scale_loss
-    return optimizer
+    config = tiny.optimizer_config(lr=cfg.lr, weight_decay=cfg.weight_decay, bf16=cfg.bf16)
+    muon_config = None
+    if OPTIMIZERS[name] is not None:
+        muon_config = MuonConfig(muon_bucket_mb=cfg.muon_bucket_mb, **OPTIMIZERS[name])
+    return tiny.build_optimizer(model, config, muon_config)
 
 
 def _state_bytes(optimizer: Any, muon_shards: set[int], main_is_copy: bool) -> dict[str, Any]:
@@ -263,7 +251,7 @@ def _state_bytes(optimizer: Any, muon_shards: set[int], main_is_copy: bool) -> d
 
 def _muon_static(optimizer: Any) -> dict[str, Any]:
     """Per-rank facts of the Muon optimizers: params, grids, owner loads, buckets."""
-    from muon_megatron.builder import muon_optimizers
+    from muon_megatron.optimizer.builder import muon_optimizers
 
     members, shards, buckets = [], set(), []
     for opt in muon_optimizers(optimizer):
@@ -309,14 +297,14 @@ def _transient(a2a: list[dict[str, int]], owned_full: list[int]) -> dict[str, An
 def _bench_one(cfg: BenchConfig, layout_name: str, opt_name: str) -> dict[str, Any]:
     import torch
 
-    from muon_megatron import tiny_gpt
-    from muon_megatron.builder import muon_optimizers
-    from muon_megatron.comm_counter import CollectiveCounter
+    from muon_megatron.optimizer.builder import muon_optimizers
+    from muon_megatron.testing import tiny
+    from muon_megatron.tools.comm_counter import CollectiveCounter
 
     spec = cfg.model_spec(layout_name)
-    layout = tiny_gpt.Layout(**LAYOUTS[layout_name])
-    tiny_gpt.initialize_parallel(layout, cfg.seed)
-    model = tiny_gpt.build_model(spec, layout)
+    layout = tiny.Layout(**LAYOUTS[layout_name])
+    tiny.initialize_parallel(layout, cfg.seed)
+    model = tiny.build_model(spec, layout)
     optimizer = _build_optimizer(opt_name, cfg, model)
     static = _muon_static(optimizer)
     dp = layout.dp(cfg.world)
@@ -328,9 +316,9 @@ def _bench_one(cfg: BenchConfig, layout_name: str, opt_name: str) -> dict[str, A
     transient: dict[str, Any] = {"peak_bytes": 0, "buckets": []}
     with counter.installed(), probe.installed():
         for step in range(cfg.warmup + cfg.steps):
-            batch = tiny_gpt.global_batch(step, spec, cfg.global_batch_size, cfg.seed)
+            batch = tiny.global_batch(step, spec, cfg.global_batch_size, cfg.seed)
             optimizer.zero_grad()
-            losses.append(tiny_gpt.forward_backward(model, batch, spec, mbs))
+            losses.append(tiny.forward_backward(model, batch, spec, mbs))
             ns_before = sum(o.ns_calls for o in muon_optimizers(optimizer))
             probe.reset()
             torch.distributed.barrier()
@@ -387,7 +375,7 @@ def _median_of_max(per_rank_times: list[list[float]]) -> float:
 
 def _row(cfg: BenchConfig, layout: str, name: str, ranks: list[dict], adam: list[dict] | None,
          ) -> dict[str, Any]:
-    from muon_megatron.newton_schulz import ns_flops
+    from muon_megatron.ops.newton_schulz import ns_flops
 
     row: dict[str, Any] = {"layout": layout, "optimizer": name}
     row["step_ms"] = 1e3 * _median_of_max([r["times"] for r in ranks])
@@ -569,7 +557,7 @@ def summary_line(result: dict[str, Any]) -> str:
 
 def run_bench(cfg: BenchConfig, timeout_s: float = 1800) -> dict[str, Any]:
     """Run the benchmark; returns the summary (rows, checks) plus run information."""
-    from muon_megatron.testing.launch import spawn
+    from muon_megatron.runtime.launch import spawn
 
     unknown = [x for x in cfg.layouts if x not in LAYOUTS]
     unknown += [x for x in cfg.optimizers if x not in OPTIMIZERS]

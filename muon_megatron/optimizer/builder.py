@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 import torch
 
 from muon_megatron.config import MuonConfig
-from muon_megatron.distributed import MuonDistributedOptimizer
-from muon_megatron.nonfinite import check_once_per_step
-from muon_megatron.routing import is_muon_param
+from muon_megatron.optimizer.distributed import MuonDistributedOptimizer
+from muon_megatron.optimizer.nonfinite import check_once_per_step
+from muon_megatron.routing.rules import is_muon_param
 
 __all__ = ["get_muon_optimizer", "muon_optimizers", "muon_metrics", "check_supported"]
 
@@ -114,7 +114,7 @@ def muon_metrics(optimizer) -> dict[str, float]:
     `muon/update_rms/<member>/group<g>` per group, `muon/ns_seconds` (this rank's
     Newton-Schulz time, all members) and `muon/skipped_steps` (non-finite steps so far).
     Empty for an optimizer without Muon members. Host-side floats: no collective runs."""
-    from muon_megatron.nonfinite import skipped_steps
+    from muon_megatron.optimizer.nonfinite import skipped_steps
 
     members = muon_optimizers(optimizer)
     if not members:

@@ -1,0 +1,204 @@
+"""The one model builder: process groups, TransformerConfig, GPTModel + DDP with ZeRO-1 buffers.
+
+What Megatron-LM's `pretrain_gpt.py` + `training.py` do for a GPT/MoE, reduced to the parts
+a run needs, from Megatron-LM-style arguments (an `argparse.Namespace` with Megatron-LM's
+flag names, as `training.args.build_parser` makes): process groups, `GPTModel` with the local
+or Transformer Engine layer specs (MoE per `--moe-layer-freq`), megatron DDP with ZeRO-1
+buffers and the schedule hooks `training.py` sets. `training.step` builds the optimizer and
+scheduler on it and runs megatron's forward-backward schedules.
+
+The training entry, the tools and the test harness (`testing.tiny`, which turns its small
+`ModelSpec` + `Layout` into these arguments) all build through this module, so what the
+tests check is what a training run runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
+
+from muon_megatron.training.args import model_dims
+
+__all__ = [
+    "PARAMS_DTYPES",
+    "device",
+    "initialize_parallel",
+    "transformer_config",
+    "build_model",
+    "unwrap",
+    "local_parameter_count",
+]
+
+PARAMS_DTYPES: dict[bool, torch.dtype] = {True: torch.bfloat16, False: torch.float32}
+"""Params dtype by `--bf16` (fp16 is refused: Muon needs bf16 or fp32)."""
+
+
+def device() -> torch.device:
+    """This rank's compute device: where megatron keeps params, batches and the loss
+    all-reduce (NCCL takes CUDA tensors only)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def initialize_parallel(args: argparse.Namespace, *, seed_per_stage: bool = True) -> None:
+    """Megatron's process groups for the layout, and every RNG seeded from `args.seed`.
+
+    `seed_per_stage`: Megatron-LM's `_set_random_seed` (seed + 100 x pipeline rank); the
+    test harness turns it off so that every layout starts every RNG from the same seed.
+    """
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+    )
+    seed = args.seed
+    if seed_per_stage:
+        seed += 100 * parallel_state.get_pipeline_model_parallel_rank()
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _use_transformer_engine(args: argparse.Namespace) -> bool:
+    if args.transformer_impl is not None:
+        return args.transformer_impl == "transformer_engine"
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(args: argparse.Namespace) -> TransformerConfig:
+    """megatron-core's `TransformerConfig` for the arguments (fused CUDA kernels off: the
+    plain paths compute the same and run everywhere)."""
+    dims = model_dims(args)
+    dtype = PARAMS_DTYPES[args.bf16]
+    moe: dict[str, Any] = {}
+    if args.num_experts is not None:
+        moe = dict(
+            num_moe_experts=args.num_experts,
+            moe_router_topk=args.moe_router_topk,
+            moe_ffn_hidden_size=dims["moe_ffn_hidden_size"],
+            moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+            moe_layer_freq=args.moe_layer_freq,
+            moe_grouped_gemm=args.moe_grouped_gemm,
+            moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+            moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+            moe_router_score_function=args.moe_router_score_function,
+            moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+            moe_expert_capacity_factor=None,
+        )
+    return TransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=dims["num_query_groups"],
+        kv_channels=dims["kv_channels"],
+        ffn_hidden_size=dims["ffn_hidden_size"],
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=not args.disable_bias_linear,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
+        sequence_parallel=args.sequence_parallel,
+        bf16=args.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=False,
+        **moe,
+    )
+
+
+def build_model(
+    args: argparse.Namespace, *, ddp_overrides: dict[str, Any] | None = None
+) -> list[torch.nn.Module]:
+    """This rank's model chunk: GPTModel [-> Float16Module] -> megatron DDP (ZeRO-1).
+
+    Call after `initialize_parallel`. The DDP config is ZeRO-1 with fp32 grad reduction and
+    the overlap flags of `args`, updated from `ddp_overrides`. Returns a one-element list
+    (no virtual pipeline stages).
+    """
+    config = transformer_config(args)
+    block_spec = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=_use_transformer_engine(args), normalization=args.normalization
+    )
+    model: torch.nn.Module = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec,
+        vocab_size=args.vocab_size,
+        max_sequence_length=args.max_position_embeddings or args.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if args.bf16:
+        model = Float16Module(config, model)
+    ddp_kwargs: dict[str, Any] = dict(
+        use_distributed_optimizer=True,
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
+        bucket_size=40_000_000 if args.overlap_grad_reduce else None,
+    )
+    ddp_kwargs.update(ddp_overrides or {})
+    ddp_config = DistributedDataParallelConfig(**ddp_kwargs)
+    ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    # What megatron/training/training.py wires: without finalize_model_grads there is no
+    # data-parallel gradient reduction at all.
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp_model.no_sync
+    if ddp_config.overlap_grad_reduce:
+        config.grad_sync_func = ddp_model.start_grad_sync
+    if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
+        config.param_sync_func = ddp_model.start_param_sync
+    return [ddp_model]
+
+
+def unwrap(model_chunk: torch.nn.Module) -> GPTModel:
+    """The `GPTModel` inside the DDP (and Float16Module) wrappers."""
+    module = model_chunk
+    while isinstance(module, (DistributedDataParallel, Float16Module)):
+        module = module.module
+    return module
+
+
+def local_parameter_count(model: list[torch.nn.Module]) -> int:
+    """Parameters held by this rank (the whole model's count: `training.model_size`)."""
+    return sum(p.numel() for chunk in model for p in chunk.parameters())
