@@ -19,7 +19,7 @@ from torch.optim.adamw import adamw as _torch_adamw
 from muon_megatron.config import MuonConfig
 from muon_megatron.ops.newton_schulz import newton_schulz
 from muon_megatron.ops.update import apply_update_, momentum_update_, nesterov_input, update_scale
-from muon_megatron.routing.rules import is_muon_param, param_kind
+from muon_megatron.routing.rules import is_muon_param, param_kind, require_matrix
 from muon_megatron.routing.splits import (
     MatrixSplit,
     ModelShape,
@@ -109,11 +109,7 @@ class Muon(torch.optim.Optimizer):
         self.last_metrics: dict[str, float] = {}
 
     def _matrix_split(self, name: str, param: Tensor) -> MatrixSplit:
-        if param.ndim != 2:
-            raise ValueError(
-                f"{name}: Muon needs a 2-D parameter, got shape {tuple(param.shape)}; route it "
-                "to AdamW (make `is_muon` return False for it)."
-            )
+        require_matrix(name, param.shape)
         if self.model_shape is not None:
             return matrix_split(
                 name,

@@ -22,6 +22,7 @@ __all__ = [
     "coefficient_schedule",
     "newton_schulz",
     "ns_flops",
+    "DTYPES",
 ]
 
 # Keller Jordan's quintic, used unchanged by Moonlight and torch.optim.Muon.
@@ -46,7 +47,8 @@ POLAR_EXPRESS_COEFFICIENTS: tuple[tuple[float, float, float], ...] = tuple(
     (a / _PE_SAFETY, b / _PE_SAFETY**3, c / _PE_SAFETY**5) for a, b, c in _POLAR_EXPRESS_RAW[:-1]
 ) + (_POLAR_EXPRESS_RAW[-1],)
 
-_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
+"""torch dtype of each `NSDtype` name (Newton-Schulz and communication dtypes)."""
 
 
 def coefficient_schedule(name: CoefficientSet, steps: int) -> list[tuple[float, float, float]]:
@@ -78,11 +80,11 @@ def newton_schulz(
     """
     if x.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got {x.shape}.")
-    if dtype not in _DTYPES:
+    if dtype not in DTYPES:
         raise ValueError(f"ns dtype={dtype!r} is unknown; use 'bf16' or 'fp32'.")
     schedule = coefficient_schedule(coefficients, steps)
     tall = x.size(-2) > x.size(-1)
-    out = x.to(_DTYPES[dtype])
+    out = x.to(DTYPES[dtype])
     if tall:
         out = out.mT
     norm = out.norm(dim=(-2, -1), keepdim=True)

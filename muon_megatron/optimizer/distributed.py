@@ -33,60 +33,30 @@ significant digits) and are tested at a bf16 tolerance.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from muon_megatron.config import MuonConfig
-from muon_megatron.ops.newton_schulz import newton_schulz, ns_flops
+from muon_megatron.ops.newton_schulz import DTYPES, newton_schulz
 from muon_megatron.ops.update import apply_update_, momentum_update_, nesterov_input, update_scale
 from muon_megatron.optimizer.checkpoint_state import MuonCheckpointMixin
 from muon_megatron.optimizer.grid import Grid, all_to_all, build_grid
 from muon_megatron.optimizer.hang_watch import watched
 from muon_megatron.optimizer.nonfinite import NonFiniteGradSkipMixin
-from muon_megatron.optimizer.ownership import assign_owners
-from muon_megatron.routing.rules import canonical_name, is_muon_param
+from muon_megatron.optimizer.plan import MuonMatrix, make_buckets, plan_matrices
+from muon_megatron.routing.rules import is_muon_param
 from muon_megatron.routing.splits import (
-    MatrixSplit,
-    ModelShape,
     combine_tp_pieces,
     extract_pieces,
     insert_pieces,
-    matrix_split,
     split_tp_matrix,
 )
 
 __all__ = ["MuonDistributedOptimizer"]
-
-_COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@dataclass
-class _Matrix:
-    """One Muon parameter as the grid sees it."""
-
-    index: int
-    name: str
-    param: torch.nn.Parameter
-    split: MatrixSplit
-    local_shape: tuple[int, ...]
-    dp_ranges: list[tuple[int, int]]  # flat [start, end) of the TP-local tensor per DP rank
-    group_index: int
-    cost: float
-    owner: int = 0
-
-    def sends_from(self, tp_rank: int) -> bool:
-        # A TP-replicated tensor is identical on every TP rank: TP rank 0's copy is used.
-        return self.split.tp_mode != "replicated" or tp_rank == 0
-
-    def shard_numel(self, dp_rank: int) -> int:
-        start, end = self.dp_ranges[dp_rank]
-        return end - start
-
 
 class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, DistributedOptimizer):
     """ZeRO-1 Muon for 2-D hidden weights, Megatron's AdamW for everything else.
@@ -121,6 +91,8 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         super().__init__(*args, **kwargs)
         self.muon_config = muon_config
         self.ns_calls = 0
+        # (param name, logical matrix index within it) -> Newton-Schulz runs on this rank.
+        self.ns_counts: Counter[tuple[str, int]] = Counter()
         self.muon_metrics: dict[str, float] = {}
         self.muon_param_update_rms: dict[str, float] = {}
         if is_expert:
@@ -130,100 +102,14 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         # Collective: every rank takes part, also a stub optimizer with no params.
         dp_group = getattr(self, "data_parallel_group", None) or kwargs["data_parallel_group"]
         self.grid: Grid = build_grid(tp_group, dp_group)
-        self._matrices: list[_Matrix] = []
-        self._buckets: list[list[_Matrix]] = []
+        self._matrices: list[MuonMatrix] = []
+        self._buckets: list[list[MuonMatrix]] = []
         if self.is_stub_optimizer:
             return
-        self._build_matrices(group_of, is_muon)
+        self._matrices = plan_matrices(self, group_of, is_muon)
+        self._buckets = make_buckets(self._matrices, self.muon_config.muon_bucket_mb)
 
-    # ---------------------------------------------------------------- setup
-    def _param_names(self) -> dict[torch.nn.Parameter, str]:
-        names = {}
-        for chunk in self.model_chunks:
-            for name, p in chunk.named_parameters():
-                names[p] = canonical_name(name)
-        return names
-
-    def _build_matrices(self, group_of: dict, is_muon: Callable) -> None:
-        from megatron.core.utils import get_model_config
-
-        model_config = get_model_config(self.model_chunks[0])
-        names = self._param_names()
-        shape_args = asdict(ModelShape.from_transformer_config(model_config))
-        for buffer in self.buffers:
-            for param in buffer.params:
-                if param not in group_of or not is_muon(names[param], param):
-                    continue
-                name = names[param]
-                if param.ndim != 2:
-                    raise ValueError(
-                        f"{name} has shape {tuple(param.shape)} but was routed to Muon, which "
-                        "needs 2-D matrices; route it to AdamW in is_muon."
-                    )
-                partitioned = getattr(param, "tensor_model_parallel", False)
-                split = matrix_split(
-                    name,
-                    param.shape,
-                    tp_size=self.grid.tp_size,
-                    tp_partition_dim=param.partition_dim if partitioned else None,
-                    muon_config=self.muon_config,
-                    **shape_args,
-                )
-                steps = self.muon_config.muon_ns_steps
-                cost = sum(ns_flops(r, c, steps) for r, c in split.logical_shapes())
-                self._matrices.append(
-                    _Matrix(
-                        index=len(self._matrices),
-                        name=name,
-                        param=param,
-                        split=split,
-                        local_shape=tuple(param.shape),
-                        dp_ranges=self._dp_ranges(buffer, param),
-                        group_index=group_of[param],
-                        cost=float(cost),
-                    )
-                )
-        # What each grid member already holds of a matrix stays there if it owns it.
-        held = [
-            {g: m.shard_numel(d) for g, (t, d) in enumerate(self.grid.coords) if m.sends_from(t)}
-            for m in self._matrices
-        ]
-        owners = assign_owners([m.cost for m in self._matrices], self.grid.size, held)
-        for m, owner in zip(self._matrices, owners):
-            m.owner = owner
-        self._buckets = self._make_buckets()
-
-    def _dp_ranges(self, buffer, param) -> list[tuple[int, int]]:
-        """Flat range of `param` held by every DP rank (mirrors Megatron's gbuf ranges)."""
-        start, end, bucket_id = buffer.param_index_map[param]
-        bucket = buffer.buckets[bucket_id]
-        dp = self.grid.dp_size
-        per_rank = bucket.grad_data.numel() // dp
-        ranges = []
-        for d in range(dp):
-            lo = bucket.offset + d * per_rank
-            hi = lo + per_rank
-            s, e = max(start, lo), min(end, hi)
-            ranges.append((s - start, e - start) if e > s else (0, 0))
-        if param in self.model_param_gbuf_map:
-            mine = self._get_model_param_range_map(param)["param"]
-            if (mine.start, mine.end) != ranges[self.data_parallel_group.rank()]:
-                raise RuntimeError(f"ZeRO-1 range mismatch for a Muon matrix: {mine}")
-        return ranges
-
-    def _make_buckets(self) -> list[list[_Matrix]]:
-        limit = self.muon_config.muon_bucket_mb * 2**20 / 4
-        buckets, current, size = [], [], 0
-        for m in self._matrices:
-            numel = m.param.numel() * m.split.tp_size
-            if current and size + numel > limit:
-                buckets.append(current)
-                current, size = [], 0
-            current.append(m)
-            size += numel
-        return buckets + ([current] if current else [])
-
-    def _main_shard(self, m: _Matrix) -> torch.Tensor | None:
+    def _main_shard(self, m: MuonMatrix) -> torch.Tensor | None:
         if m.param not in self.model_param_group_index_map:
             return None
         gi, order = self.model_param_group_index_map[m.param]
@@ -265,7 +151,7 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         return inputs
 
     def _phase2_gather(
-        self, bucket: list[_Matrix], ns_inputs: dict[int, torch.Tensor]
+        self, bucket: list[MuonMatrix], ns_inputs: dict[int, torch.Tensor]
     ) -> dict[int, list[torch.Tensor]]:
         """Every shard to its owner. Returns, for matrices this rank owns, the TP-local
         flat tensors (one per TP rank that sends)."""
@@ -281,7 +167,7 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         ]
         device = self._device()
         chunks = [torch.cat(c) if c else torch.empty(0, device=device) for c in out]
-        received = all_to_all(chunks, sizes, grid, _COMM_DTYPES[self.muon_config.muon_comm_dtype])
+        received = all_to_all(chunks, sizes, grid, DTYPES[self.muon_config.muon_comm_dtype])
         flats = {
             m.index: [
                 torch.zeros(m.param.numel(), dtype=torch.float32, device=device)
@@ -309,7 +195,9 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         for index, flats in owned.items():
             m = self._matrices[index]
             pieces = [extract_pieces(f.view(m.local_shape), m.split) for f in flats]
-            jobs.extend((index, x) for x in combine_tp_pieces(pieces, m.split))
+            logical = combine_tp_pieces(pieces, m.split)
+            self.ns_counts.update((m.name, j) for j in range(len(logical)))
+            jobs.extend((index, x) for x in logical)
         results = self._newton_schulz_batched([x for _, x in jobs])
         per_matrix: dict[int, list[torch.Tensor]] = defaultdict(list)
         for (index, _), u in zip(jobs, results):
@@ -359,7 +247,7 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         return out  # type: ignore[return-value]
 
     def _phase4_scatter(
-        self, bucket: list[_Matrix], updates: dict[int, list[torch.Tensor]]
+        self, bucket: list[MuonMatrix], updates: dict[int, list[torch.Tensor]]
     ) -> dict[int, torch.Tensor]:
         """Each rank's slice of the update back from the owner."""
         grid = self.grid
@@ -376,7 +264,7 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         sizes = [0] * grid.size
         for m in bucket:
             sizes[m.owner] += m.shard_numel(my_dp)
-        received = all_to_all(out, sizes, grid, _COMM_DTYPES[self.muon_config.muon_comm_dtype])
+        received = all_to_all(out, sizes, grid, DTYPES[self.muon_config.muon_comm_dtype])
         shards, offsets = {}, [0] * grid.size
         for m in bucket:
             n = m.shard_numel(my_dp)
@@ -385,7 +273,7 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
                 offsets[m.owner] += n
         return shards
 
-    def _apply(self, bucket: list[_Matrix], shards: dict[int, torch.Tensor]) -> None:
+    def _apply(self, bucket: list[MuonMatrix], shards: dict[int, torch.Tensor]) -> None:
         for m in bucket:
             if m.index not in shards:
                 continue

@@ -36,9 +36,6 @@ class Grid:
     def size(self) -> int:
         return len(self.coords)
 
-    def member(self, tp_rank: int, dp_rank: int) -> int:
-        return self.coords.index((tp_rank, dp_rank))
-
 
 _GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
 

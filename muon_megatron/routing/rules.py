@@ -12,7 +12,14 @@ from typing import Literal
 
 import torch
 
-__all__ = ["ADAMW_NAME_PARTS", "Kind", "canonical_name", "is_muon_param", "param_kind"]
+__all__ = [
+    "ADAMW_NAME_PARTS",
+    "Kind",
+    "canonical_name",
+    "is_muon_param",
+    "param_kind",
+    "require_matrix",
+]
 
 # Substrings of parameter names that always stay on AdamW, whatever their shape
 # (Moonlight: embeddings, output head, norms; DeepSeek-style MoE adds the router).
@@ -34,6 +41,15 @@ def is_muon_param(name: str, param: torch.Tensor) -> bool:
     if param.ndim != 2 or name.endswith("bias"):
         return False
     return not any(part in name for part in ADAMW_NAME_PARTS)
+
+
+def require_matrix(name: str, shape: tuple[int, ...] | torch.Size) -> None:
+    """Raise ValueError, naming the fix, if a parameter routed to Muon is not 2-D."""
+    if len(shape) != 2:
+        raise ValueError(
+            f"{name}: Muon needs a 2-D parameter, got shape {tuple(shape)}; route it to AdamW "
+            "(make is_muon return False for it)."
+        )
 
 
 _TE_GROUPED_FC1 = re.compile(r"\.linear_fc1\.weight\d+$")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from muon_megatron.config import MuonConfig
-from muon_megatron.routing.rules import param_kind
+from muon_megatron.routing.rules import param_kind, require_matrix
 
 if TYPE_CHECKING:
     from megatron.core.transformer import TransformerConfig
@@ -155,11 +155,7 @@ def matrix_split(
     group for experts); `tp_partition_dim` is Megatron's `partition_dim` attribute, or
     None when the tensor is replicated across TP.
     """
-    if len(local_shape) != 2:
-        raise ValueError(
-            f"{name}: Muon needs a 2-D parameter, got shape {tuple(local_shape)}; route it to "
-            "AdamW (exclude it in is_muon_param)."
-        )
+    require_matrix(name, tuple(local_shape))
     rows, cols = int(local_shape[0]), int(local_shape[1])
     kind = param_kind(name)
     replicated = tp_partition_dim is None or tp_size == 1

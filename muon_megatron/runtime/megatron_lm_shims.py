@@ -38,16 +38,16 @@ from typing import Any
 
 import torch
 
-from muon_megatron.runtime.cpu_shims import (
-    _FACTORY_NAMES,
+from muon_megatron.runtime.cpu_shims import install_cpu_shims
+from muon_megatron.runtime.cpu_shims._patching import (
     _cpu_for_cuda_device,
     _is_shim,
     _mark,
     _TorchView,
     _view_torch_in,
     _wrap_function,
-    install_cpu_shims,
 )
+from muon_megatron.runtime.cpu_shims.cuda import _FACTORY_NAMES
 
 __all__ = ["install_megatron_lm_cpu_shims"]
 

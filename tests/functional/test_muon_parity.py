@@ -124,7 +124,7 @@ def _force_norm_into_muon(rank: int, world: int) -> str:
 
 def test_non_matrix_forced_into_muon_is_rejected() -> None:
     message = spawn(_force_norm_into_muon, 1)[0]
-    assert "routed to Muon" in message and "needs 2-D" in message, message
+    assert "Muon needs a 2-D parameter" in message and "is_muon return False" in message, message
 
 
 def test_unsupported_configs_are_rejected() -> None:

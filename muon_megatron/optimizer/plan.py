@@ -1,0 +1,135 @@
+"""The plan of a Muon optimizer: its matrices, their DP ranges, owners and buckets.
+
+Built once, at construction, from the DistributedOptimizer's own buffers: for every Muon
+parameter its `MatrixSplit` (routing.splits), the flat range of the TP-local tensor each DP
+rank holds (mirroring Megatron's grad-buffer ranges), its Newton-Schulz cost and the grid
+member that owns it (ownership.assign_owners); then consecutive matrices in buckets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.utils import get_model_config
+
+from muon_megatron.ops.newton_schulz import ns_flops
+from muon_megatron.optimizer.ownership import assign_owners
+from muon_megatron.routing.rules import canonical_name
+from muon_megatron.routing.splits import MatrixSplit, ModelShape, matrix_split
+
+__all__ = ["MuonMatrix", "plan_matrices", "make_buckets"]
+
+
+@dataclass
+class MuonMatrix:
+    """One Muon parameter as the grid sees it."""
+
+    index: int
+    name: str
+    param: torch.nn.Parameter
+    split: MatrixSplit
+    local_shape: tuple[int, ...]
+    dp_ranges: list[tuple[int, int]]  # flat [start, end) of the TP-local tensor per DP rank
+    group_index: int
+    cost: float
+    owner: int = 0
+
+    def sends_from(self, tp_rank: int) -> bool:
+        # A TP-replicated tensor is identical on every TP rank: TP rank 0's copy is used.
+        return self.split.tp_mode != "replicated" or tp_rank == 0
+
+    def shard_numel(self, dp_rank: int) -> int:
+        start, end = self.dp_ranges[dp_rank]
+        return end - start
+
+
+def _param_names(model_chunks) -> dict[torch.nn.Parameter, str]:
+    names = {}
+    for chunk in model_chunks:
+        for name, p in chunk.named_parameters():
+            names[p] = canonical_name(name)
+    return names
+
+
+def plan_matrices(opt: DistributedOptimizer, group_of: dict, is_muon: Callable) -> list[MuonMatrix]:
+    """Every Muon matrix of `opt` (a DistributedOptimizer after its own __init__): its split,
+    the DP ranges of each rank, its param group, its Newton-Schulz cost and its owner.
+    `group_of` maps each model param to its param group (taken before ZeRO-1 sharding)."""
+    model_config = get_model_config(opt.model_chunks[0])
+    names = _param_names(opt.model_chunks)
+    matrices: list[MuonMatrix] = []
+    shape_args = asdict(ModelShape.from_transformer_config(model_config))
+    for buffer in opt.buffers:
+        for param in buffer.params:
+            if param not in group_of or not is_muon(names[param], param):
+                continue
+            name = names[param]
+            partitioned = getattr(param, "tensor_model_parallel", False)
+            split = matrix_split(
+                name,
+                param.shape,
+                tp_size=opt.grid.tp_size,
+                tp_partition_dim=param.partition_dim if partitioned else None,
+                muon_config=opt.muon_config,
+                **shape_args,
+            )
+            steps = opt.muon_config.muon_ns_steps
+            cost = sum(ns_flops(r, c, steps) for r, c in split.logical_shapes())
+            matrices.append(
+                MuonMatrix(
+                    index=len(matrices),
+                    name=name,
+                    param=param,
+                    split=split,
+                    local_shape=tuple(param.shape),
+                    dp_ranges=_dp_ranges(opt, buffer, param),
+                    group_index=group_of[param],
+                    cost=float(cost),
+                )
+            )
+    # What each grid member already holds of a matrix stays there if it owns it.
+    held = [
+        {g: m.shard_numel(d) for g, (t, d) in enumerate(opt.grid.coords) if m.sends_from(t)}
+        for m in matrices
+    ]
+    owners = assign_owners([m.cost for m in matrices], opt.grid.size, held)
+    for m, owner in zip(matrices, owners):
+        m.owner = owner
+    return matrices
+
+
+def _dp_ranges(opt: DistributedOptimizer, buffer, param) -> list[tuple[int, int]]:
+    """Flat range of `param` held by every DP rank (mirrors Megatron's gbuf ranges)."""
+    start, end, bucket_id = buffer.param_index_map[param]
+    bucket = buffer.buckets[bucket_id]
+    dp = opt.grid.dp_size
+    per_rank = bucket.grad_data.numel() // dp
+    ranges = []
+    for d in range(dp):
+        lo = bucket.offset + d * per_rank
+        hi = lo + per_rank
+        s, e = max(start, lo), min(end, hi)
+        ranges.append((s - start, e - start) if e > s else (0, 0))
+    if param in opt.model_param_gbuf_map:
+        mine = opt._get_model_param_range_map(param)["param"]
+        if (mine.start, mine.end) != ranges[opt.data_parallel_group.rank()]:
+            raise RuntimeError(f"ZeRO-1 range mismatch for a Muon matrix: {mine}")
+    return ranges
+
+
+def make_buckets(matrices: list[MuonMatrix], bucket_mb: float) -> list[list[MuonMatrix]]:
+    """Consecutive matrices in buckets of about `bucket_mb` MiB of fp32 (one all-to-all
+    each way per bucket)."""
+    limit = bucket_mb * 2**20 / 4
+    buckets, current, size = [], [], 0
+    for m in matrices:
+        numel = m.param.numel() * m.split.tp_size
+        if current and size + numel > limit:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(m)
+        size += numel
+    return buckets + ([current] if current else [])
