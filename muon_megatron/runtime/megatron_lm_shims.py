@@ -39,14 +39,7 @@ from typing import Any
 import torch
 
 from muon_megatron.runtime.cpu_shims import install_cpu_shims
-from muon_megatron.runtime.cpu_shims._patching import (
-    _cpu_for_cuda_device,
-    _is_shim,
-    _mark,
-    _TorchView,
-    _view_torch_in,
-    _wrap_function,
-)
+from muon_megatron.runtime.cpu_shims import _patching
 from muon_megatron.runtime.cpu_shims.cuda import _FACTORY_NAMES
 
 __all__ = ["install_megatron_lm_cpu_shims"]
@@ -95,10 +88,10 @@ def _stand_in_batch_invariant_kernels() -> None:
         raise RuntimeError("--batch-invariant-mode needs triton GPU kernels; it cannot run on CPU.")
 
     stand_in = types.ModuleType(_BATCH_INVARIANT, "CPU stand-in: triton is not installed.")
-    stand_in.enable_batch_invariant_mode = _mark(refuse)
-    stand_in.set_batch_invariant_mode = _mark(refuse)
-    stand_in.disable_batch_invariant_mode = _mark(lambda: None)
-    stand_in.is_batch_invariant_mode_enabled = _mark(lambda: False)
+    stand_in.enable_batch_invariant_mode = _patching._mark(refuse)
+    stand_in.set_batch_invariant_mode = _patching._mark(refuse)
+    stand_in.disable_batch_invariant_mode = _patching._mark(lambda: None)
+    stand_in.is_batch_invariant_mode_enabled = _patching._mark(lambda: False)
     stand_in.__all__ = [
         "set_batch_invariant_mode",
         "is_batch_invariant_mode_enabled",
@@ -129,7 +122,7 @@ def _install_checkpoint_writer_queue() -> None:
 
         return queue
 
-    _wrap_function(filesystem_async, "_get_write_results_queue", forked)
+    _patching._wrap_function(filesystem_async, "_get_write_results_queue", forked)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +168,7 @@ def _reuse_prebuilt_dataset_helpers() -> None:
     def skip_compile(orig: Callable[[], None]) -> Callable[[], None]:
         return lambda: None
 
-    _wrap_function(dataset_utils, "compile_helpers", skip_compile)
+    _patching._wrap_function(dataset_utils, "compile_helpers", skip_compile)
 
 
 def _install_initialize_shims() -> None:
@@ -192,13 +185,13 @@ def _install_initialize_shims() -> None:
         return wrapper
 
     # Rebinds training.py's and megatron/training/__init__.py's imported names too.
-    _wrap_function(initialize, "initialize_megatron", allowing_no_cuda)
+    _patching._wrap_function(initialize, "initialize_megatron", allowing_no_cuda)
 
     # initialize.py:234-240: legacy/fused_kernels/__init__.py:17 `load` runs nvcc -V (fails
     # without CUDA_HOME) and builds nothing else: the fused softmax it once built now comes
     # from Transformer Engine or Apex, and the local path falls back to torch's softmax.
-    if not _is_shim(fused_kernels.load):
-        fused_kernels.load = _mark(lambda args: None)
+    if not _patching._is_shim(fused_kernels.load):
+        fused_kernels.load = _patching._mark(lambda args: None)
 
     # initialize.py:457-523 (`_warmup_jit_function`, called by `set_jit_fusion_options`,
     # training.py:792) runs the torch.compile'd bias-gelu / bias-swiglu / bias-dropout-add
@@ -208,8 +201,8 @@ def _install_initialize_shims() -> None:
     # result of the run's own steps; the warm-up's random inputs no longer draw from the
     # (CPU) generator before the model is built, which only shifts which deterministic
     # initial weights a CPU run gets.
-    if not _is_shim(initialize._warmup_jit_function):
-        initialize._warmup_jit_function = _mark(lambda: None)
+    if not _patching._is_shim(initialize._warmup_jit_function):
+        initialize._warmup_jit_function = _patching._mark(lambda: None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,15 +210,15 @@ def _install_initialize_shims() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _cuda_view(overrides: dict[str, Any]) -> _TorchView:
-    return _TorchView(torch.cuda, overrides)
+def _cuda_view(overrides: dict[str, Any]) -> _patching._TorchView:
+    return _patching._TorchView(torch.cuda, overrides)
 
 
 _CPU_RNG = {
     # Routed to the CPU generator as cpu_shims routes megatron-core's CUDA RNG calls: that is
     # the generator CPU runs draw from, so checkpoints and reruns save and restore it.
-    "get_rng_state": _mark(lambda device="cuda": torch.get_rng_state()),
-    "set_rng_state": _mark(lambda new_state, device="cuda": torch.set_rng_state(new_state)),
+    "get_rng_state": _patching._mark(lambda device="cuda": torch.get_rng_state()),
+    "set_rng_state": _patching._mark(lambda new_state, device="cuda": torch.set_rng_state(new_state)),
 }
 
 # Megatron-LM module -> its `torch.cuda` overrides (core_v0.16.1 lines).
@@ -234,8 +227,8 @@ _CUDA_OVERRIDES: dict[str, dict[str, Any]] = {
     # `mpu.initialize_model_parallel` and `_set_random_seed` skips the TP RNG tracker; one
     # CPU "device" per process is what both need. 331: set_device has no CPU counterpart.
     "megatron.training.initialize": {
-        "device_count": _mark(lambda: 1),
-        "set_device": _mark(lambda device: None),
+        "device_count": _patching._mark(lambda: 1),
+        "set_device": _patching._mark(lambda device: None),
     },
     # checkpointing.py:343 (get_rng_state), 1866/1878 (set_rng_state).
     "megatron.training.checkpointing": dict(_CPU_RNG),
@@ -252,17 +245,17 @@ _DEVICE_LITERAL_MODULES = (
 
 
 def _install_cuda_views() -> None:
-    factories = {name: _cpu_for_cuda_device(getattr(torch, name)) for name in _FACTORY_NAMES}
+    factories = {name: _patching._cpu_for_cuda_device(getattr(torch, name)) for name in _FACTORY_NAMES}
     for mod_name in _DEVICE_LITERAL_MODULES:
         module = importlib.import_module(mod_name)
         view = module.__dict__.get("torch")
-        if not (isinstance(view, _TorchView) and "tensor" in view._overrides):
-            _view_torch_in(module, factories)
+        if not (isinstance(view, _patching._TorchView) and "tensor" in view._overrides):
+            _patching._view_torch_in(module, factories)
     for mod_name, overrides in _CUDA_OVERRIDES.items():
         module = importlib.import_module(mod_name)
         view = module.__dict__.get("torch")
-        current = view._overrides.get("cuda") if isinstance(view, _TorchView) else None
-        if isinstance(current, _TorchView):
+        current = view._overrides.get("cuda") if isinstance(view, _patching._TorchView) else None
+        if isinstance(current, _patching._TorchView):
             current._overrides.update(overrides)
         else:
-            _view_torch_in(module, {"cuda": _cuda_view(dict(overrides))})
+            _patching._view_torch_in(module, {"cuda": _cuda_view(dict(overrides))})
