@@ -58,18 +58,35 @@ def test_every_job_owned_exactly_once_and_total_preserved() -> None:
     assert sum(load_per_rank(costs, owners, 5)) == sum(costs)
 
 
-def test_loads_do_not_depend_on_the_order_of_the_jobs() -> None:
-    """Every rank computes the plan from its own list of matrices: any order of the same
-    costs gives every rank the same load."""
+def test_owners_follow_a_permutation_of_the_jobs() -> None:
+    """Every rank computes the plan from its own list of matrices. Jobs are taken by
+    decreasing cost, equal costs in list order, so a permutation can only reorder jobs of
+    equal cost: the invariance is that, per cost, the owners of that cost's jobs in list
+    order are the same sequence. So a job of unique cost keeps its owner, wherever it is, and
+    every rank's load is the same."""
     import itertools
 
-    costs = [3.0, 3.0, 2.0, 2.0, 2.0, 1.0]
-    loads = load_per_rank(costs, assign_owners(costs, 3), 3)
+    costs = [7.5, 3.0, 3.0, 2.0, 2.0, 2.0, 1.0]
+    owners = assign_owners(costs, 3)
+    assert len(set(owners)) == 3  # every rank owns something: the check can see a swap
+
+    def owners_by_cost(costs: list[float], owners: list[int]) -> dict[float, list[int]]:
+        out: dict[float, list[int]] = {}
+        for cost, owner in zip(costs, owners):
+            out.setdefault(cost, []).append(owner)
+        return out
+
+    expected = owners_by_cost(costs, owners)
     for perm in itertools.permutations(range(len(costs))):
         permuted = [costs[i] for i in perm]
-        assert load_per_rank(permuted, assign_owners(permuted, 3), 3) == loads, perm
-    # LPT on this instance is optimal: loads 4, 4, 5 -> makespan 5 (optimum is 5, total 13).
-    assert max(loads) == 5.0
+        permuted_owners = assign_owners(permuted, 3)
+        assert owners_by_cost(permuted, permuted_owners) == expected, perm
+        for i, job in enumerate(perm):
+            if costs.count(costs[job]) == 1:
+                assert permuted_owners[i] == owners[job], (perm, job)
+        assert load_per_rank(permuted, permuted_owners, 3) == load_per_rank(costs, owners, 3)
+    # LPT on this instance is optimal: loads 7.5, 7, 6 -> makespan 7.5 (the largest job).
+    assert max(load_per_rank(costs, owners, 3)) == 7.5
 
 
 def test_assignment_is_the_same_in_every_process() -> None:
@@ -133,9 +150,25 @@ def test_locality_prefers_the_rank_holding_most() -> None:
     assert assign_owners([1.0, 1.0, 1.0], 3, held, slack=0.0) == [1, 0, 2]
 
 
-def test_without_holders_it_is_plain_lpt() -> None:
-    costs = [3.0, 3.0, 2.0, 2.0, 2.0, 1.0]
-    assert assign_owners(costs, 3, [{}] * len(costs)) == assign_owners(costs, 3)
+def _textbook_lpt(costs: list[float], ranks: int) -> list[int]:
+    """Graham's LPT written out plainly: jobs by decreasing cost (ties: list order), each to
+    the least-loaded rank (ties: the lowest rank)."""
+    owners, loads = [0] * len(costs), [0.0] * ranks
+    for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        rank = min(range(ranks), key=lambda r: (loads[r], r))
+        owners[job] = rank
+        loads[rank] += costs[job]
+    return owners
+
+
+@pytest.mark.parametrize("ranks", [3, 4, 8])
+def test_without_holders_it_is_plain_lpt(ranks: int) -> None:
+    rng = random.Random(ranks)
+    # Random costs with repeats (ties), and the MoE-like shapes (many equal costs).
+    for costs in ([float(rng.randint(1, 20)) for _ in range(41)], _moonlight_like_costs()):
+        lpt = _textbook_lpt(costs, ranks)
+        assert assign_owners(costs, ranks) == lpt
+        assert assign_owners(costs, ranks, [{}] * len(costs)) == lpt
 
 
 def test_locality_slack_stays_inside_the_balance_bound() -> None:
