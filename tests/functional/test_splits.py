@@ -1,7 +1,9 @@
 """Fused weights are orthogonalized per logical matrix, also under tensor parallelism.
 
-One step of the distributed optimizer at TP2 (DP1) with momentum 0 and weight decay 0 makes
-the update exactly scale * NS(grad). The worker also returns the full reduced gradient, so
+One step of the distributed optimizer at TP2, with DP1 and with DP2 (world 4: each matrix's
+TP shards are further cut into ZeRO-1 DP ranges, which the owner must gather and put back
+in place), with momentum 0 and weight decay 0 makes the update exactly scale * NS(grad).
+The worker also returns the full reduced gradient, so
 the test recomputes that update on one device: with the split flag on, Newton-Schulz and the
 'moonlight' scale apply to each logical block (Q, K, V; SwiGLU gate, up) on its own; with it
 off, to the whole fused matrix. Each layout must match its own recomputation and not the
@@ -10,6 +12,7 @@ other one; with the flag on every block's singular values are ~1, with it off no
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from muon_megatron.config import MuonConfig
@@ -34,6 +37,20 @@ QUINTIC_BAND = (0.65, 1.25)
 NULL_SINGULAR_VALUE = 1e-4
 
 
+def _all_gather_reduced_grads(model_chunk) -> None:
+    """After the reduce-scatter each DP rank holds the reduced gradient of its own range of
+    every grad bucket (the rest is its local, unreduced gradient): gather the reduced ranges
+    over the bucket's DP group, as Megatron gathers the params, so every rank's main_grad
+    is the whole reduced gradient."""
+    for bucket_group in model_chunk.bucket_groups:
+        group = bucket_group.intra_distributed_optimizer_instance_group
+        size = bucket_group.intra_distributed_optimizer_instance_size
+        rank = bucket_group.intra_distributed_optimizer_instance_rank
+        for bucket in bucket_group.buckets:
+            mine = bucket.grad_data.view(size, -1)[rank].clone()
+            torch.distributed.all_gather_into_tensor(bucket.grad_data, mine, group=group)
+
+
 def _one_step_update(rank: int, world: int, split: bool) -> dict[str, torch.Tensor] | None:
     from muon_megatron.optimizer.builder import get_muon_optimizer
     from muon_megatron.testing import tiny
@@ -54,9 +71,11 @@ def _one_step_update(rank: int, world: int, split: bool) -> dict[str, torch.Tens
     batch = tiny.global_batch(0, spec, 8, seed=7)
     tiny.train_step(model, optimizer, batch, spec, layout, micro_batch_size=2)
     after = tiny.full_state(model, layout)
-    # At DP1 the reduce-scatter leaves each TP shard's whole reduced gradient in main_grad.
-    # This model is done with: write the gradients into the weights to un-shard them the same
-    # way the weights were.
+    # Clipping is off and the step only reads main_grad: it still holds the reduced gradient
+    # (of this rank's DP range; at DP1 that is all of it). This model is done with: write the
+    # gradients into the weights to un-shard them the same way the weights were.
+    if world > layout.tp:
+        _all_gather_reduced_grads(model[0])
     with torch.no_grad():
         for param in model[0].parameters():
             param.copy_(param.main_grad)
@@ -114,8 +133,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _check(split: bool) -> None:
-    result = spawn(_one_step_update, 2, split)[0]
+def _check(split: bool, dp: int) -> None:
+    result = spawn(_one_step_update, 2 * dp, split)[0]
     for name, (update, grad) in result.items():
         own, other = _expected(grad, name, split), _expected(grad, name, not split)
         assert _rel(update, own) < FP32_TOLERANCE, (name, _rel(update, own))
@@ -126,9 +145,11 @@ def _check(split: bool) -> None:
         assert all(in_band) if split else not any(in_band), (name, in_band)
 
 
-def test_split_on_orthogonalizes_each_logical_block() -> None:
-    _check(split=True)
+@pytest.mark.parametrize("dp", [1, 2])
+def test_split_on_orthogonalizes_each_logical_block(dp: int) -> None:
+    _check(split=True, dp=dp)
 
 
-def test_split_off_orthogonalizes_the_fused_matrix_instead() -> None:
-    _check(split=False)
+@pytest.mark.parametrize("dp", [1, 2])
+def test_split_off_orthogonalizes_the_fused_matrix_instead(dp: int) -> None:
+    _check(split=False, dp=dp)
