@@ -4,12 +4,23 @@ Newton-Schulz accounting and the state-byte measurement, on real gloo processes.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from muon_megatron.runtime.launch import spawn
 from muon_megatron.tools import cli
 from muon_megatron.tools.bench import BenchConfig, run_bench
 
 WORLD = 3
+BF16_PARAMS = True  # the small benchmark's params: bf16, with fp32 main params
+# Optimizer state, per element of a main-param shard (Megatron's mixed precision keeps an
+# fp32 main copy of bf16 params; of fp32 params the main param is the param itself).
+FP32_BYTES = torch.finfo(torch.float32).bits // 8
+MAIN_PARAM_BYTES = FP32_BYTES if BF16_PARAMS else 0
+MUON_BYTES = MAIN_PARAM_BYTES + FP32_BYTES  # + fp32 momentum (stored as exp_avg)
+ADAMW_BYTES = MAIN_PARAM_BYTES + 2 * FP32_BYTES  # + exp_avg + exp_avg_sq
+# torch's Adam keeps one fp32 scalar `step` tensor per param it steps: per shard, not per
+# element; Muon shards have no gradient when the inner AdamW runs, so they get none.
+ADAM_STEP_BYTES_PER_SHARD = FP32_BYTES
 
 
 def _counted_collectives(rank: int, world: int) -> dict:
@@ -92,11 +103,15 @@ def test_reduce_scatter_all_reduce_broadcast_bytes(counted: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def small_bench() -> dict:
+    from muon_megatron.testing.tiny import ModelSpec
+
+    model = ModelSpec(
+        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=128, moe_ffn_hidden_size=64, seq_length=32, bf16=BF16_PARAMS,
+    )
     cfg = BenchConfig(
         layouts=("tp2xdp2", "moe_ep2xdp2"), optimizers=("adamw", "muon", "muon_fp32comm"),
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=128, num_experts=4, moe_ffn_hidden_size=64, seq_length=32,
-        warmup=1, steps=1,
+        model=model, num_experts=4, warmup=1, steps=1,
     )
     return run_bench(cfg)
 
@@ -117,9 +132,11 @@ def test_state_bytes_and_communication_are_what_the_scheme_says(small_bench: dic
     rows = {(r["layout"], r["optimizer"]): r for r in small_bench["rows"]}
     for layout in ("tp2xdp2", "moe_ep2xdp2"):
         adam, bf16, fp32 = (rows[layout, o] for o in ("adamw", "muon", "muon_fp32comm"))
-        # fp32 main param + exp_avg (+ exp_avg_sq and Adam's scalar step for AdamW params).
-        assert bf16["state_bytes_per_muon_param"] == 8.0
-        assert 12.0 <= adam["state_bytes_per_adamw_param"] < 12.1
+        assert bf16["state_bytes_per_muon_param"] == MUON_BYTES
+        for row in (adam, bf16):  # the AdamW params of either optimizer
+            numel, shards = row["state_adamw_numel"], row["state_adamw_shards"]
+            expected = ADAMW_BYTES * numel + ADAM_STEP_BYTES_PER_SHARD * shards
+            assert row["state_bytes_per_adamw_param"] == expected / numel, (layout, row["optimizer"])
         for row in (adam, bf16, fp32):
             assert row["bytes_constant_over_steps"]
         # Muon adds only its all-to-alls (and two small all-reduces); fp32 doubles them.
