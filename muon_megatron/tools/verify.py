@@ -9,11 +9,17 @@ the initial weights, train the same K global batches with `muon_megatron.referen
 The figure of merit compares total updates dW = W_K - W_0 (not the weights, which init
 dominates): for each optimizer family (all Muon matrices; all AdamW params) the relative
 difference ||dW_dist - dW_ref|| / ||dW_ref|| of the family's concatenated update, and
-`max_rel_diff` is the larger of the two. Per-tensor figures are reported for diagnosis but
-do not decide: AdamW divides every element by its own gradient RMS, so elements with
-near-zero gradients turn fp32 reduction-order noise into large per-element changes (seen:
-one sequence-parallel layernorm weight at 3e-5 while its family is at 2e-6). A real bug in
-any whole tensor (skipped, mis-scaled, mis-split) moves its family by well over 1e-3.
+`max_rel_diff` is the larger of the two. In fp32, per-tensor figures are reported for
+diagnosis but do not decide: AdamW divides every element by its own gradient RMS, so
+elements with near-zero gradients turn fp32 reduction-order noise into large per-element
+changes (seen: one sequence-parallel layernorm weight at 3e-5 while its family is at 2e-6).
+A real bug in any whole tensor (skipped, mis-scaled, mis-split) moves its family by well
+over 1e-3. In bf16 the family tolerance is 0.1, under which one wholly wrong small tensor
+could hide: every tensor is also held to BF16_TENSOR_TOLERANCE.
+
+Newton-Schulz accounting: each rank returns its optimizers' `ns_counts` and their plan's
+logical matrices, both keyed by (grid ranks, param name, logical index), for the caller to
+check that every planned matrix ran exactly once per step.
 """
 
 from __future__ import annotations
@@ -21,19 +27,26 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from muon_megatron.config import MuonConfig
 
+if TYPE_CHECKING:
+    from muon_megatron.testing.tiny import Layout, ModelSpec
+
 __all__ = [
-    "VerifySpec",
-    "FP32_TOLERANCE",
-    "NOISE_GAIN",
-    "NOISE_CEILING",
+    "BF16_TENSOR_TOLERANCE",
     "BF16_TOLERANCE",
+    "FP32_TOLERANCE",
+    "NOISE_CEILING",
+    "NOISE_GAIN",
+    "VerifySpec",
     "run_verify",
+    "tensor_tolerance_for",
     "tolerance_for",
 ]
 
@@ -51,13 +64,13 @@ __all__ = [
 # measured noise (the larger of the two families': the same perturbed gradient feeds both,
 # and the AdamW family alone under-reads it, 9.6e-7 against 3.4e-6 for TP2xPP2 on the EPYC,
 # where the distributed AdamW family measured 7.0e-6), never below FP32_TOLERANCE (runs
-# whose reordering happens to cancel out) and never above NOISE_CEILING. NOISE_GAIN = 10: the distributed run reorders more
-# sums than one micro-batch change (TP, DP and PP at once), each O(eps), so its noise is the
-# same process with a few times the variance; 10 leaves room for that on any CPU. The
-# ceiling keeps the check a bug detector: any real bug (a wrong scale, split or shard, a
-# skipped matrix, zeroed momentum) moves a family's total update by 1e-2 or more (measured:
-# 0.38..0.78 with the QKV / gate-up split switched, 0.8 with the momentum zeroed), a hundred
-# times the ceiling.
+# whose reordering happens to cancel out) and never above NOISE_CEILING. NOISE_GAIN = 10:
+# the distributed run reorders more sums than one micro-batch change (TP, DP and PP at
+# once), each O(eps), so its noise is the same process with a few times the variance; 10
+# leaves room for that on any CPU. The ceiling keeps the check a bug detector: any real bug
+# (a wrong scale, split or shard, a skipped matrix, zeroed momentum) moves a family's total
+# update by 1e-2 or more (measured: 0.38..0.78 with the QKV / gate-up split switched, 0.8
+# with the momentum zeroed), a hundred times the ceiling.
 FP32_TOLERANCE = 1e-5
 NOISE_GAIN = 10.0
 NOISE_CEILING = 1e-4
@@ -68,84 +81,113 @@ NOISE_CEILING = 1e-4
 # 1.9e-2), compounding through training to 5e-2..7e-2 after 3-5 steps. 0.1 bounds five
 # steps; real bugs (wrong split, scale, shard) move the update by 0.4..1.0.
 BF16_TOLERANCE = 1e-1
+# bf16, per tensor: a tensor whose update is wholly wrong differs by 1 or more (skipped or
+# zeroed: exactly 1; doubled: 1; the wrong sign: 2), whatever its size. The noisiest bf16
+# tensors measured (2-core AMD EPYC): 0.063 at TP2xDP2 bf16 NS after 5 steps and 0.039 at
+# DP2 bf16 communication after 5 (both linear_proj, whose nearly rank-deficient input NS
+# amplifies); 0.060 at EP2 GroupedMLP bf16 params after 3 steps; 0.24 at TP2xEP2 GroupedMLP
+# bf16 params after its one step (final_layernorm.bias: AdamW's first step is ~lr*sign(g),
+# and the bf16 TP forward flips the sign of near-zero gradient elements; its Muon tensors
+# stay <= 0.10). 0.5 is twice the noisiest and half a wholly wrong tensor. Partial errors in
+# one matrix (a mis-split, a sqrt(2) scale) stay the family check's job.
+BF16_TENSOR_TOLERANCE = 0.5
+
+
+def _is_bf16(muon_config: MuonConfig, bf16_params: bool) -> bool:
+    bf16 = muon_config.muon_ns_dtype == "bf16" or muon_config.muon_comm_dtype == "bf16"
+    return bf16 or bf16_params
 
 
 def tolerance_for(
     muon_config: MuonConfig, bf16_params: bool = False, measured_noise: float = 0.0
 ) -> float:
     """The tolerance of one family's relative update difference (see above)."""
-    bf16 = muon_config.muon_ns_dtype == "bf16" or muon_config.muon_comm_dtype == "bf16"
-    bf16 = bf16 or bf16_params
-    if bf16:
+    if _is_bf16(muon_config, bf16_params):
         return BF16_TOLERANCE
     return min(NOISE_CEILING, max(FP32_TOLERANCE, NOISE_GAIN * measured_noise))
 
 
+def tensor_tolerance_for(muon_config: MuonConfig, bf16_params: bool = False) -> float | None:
+    """The tolerance of every tensor's relative update difference: BF16_TENSOR_TOLERANCE in
+    bf16, None in fp32 (where per-tensor figures do not decide, see above)."""
+    return BF16_TENSOR_TOLERANCE if _is_bf16(muon_config, bf16_params) else None
+
+
 @dataclass
 class VerifySpec:
-    tp: int = 1
+    """One parity check: a model under a layout on `layout.tp * dp * layout.pp` ranks, and the
+    run both phases train."""
+
+    layout: Layout = field(default_factory=lambda: _tiny().Layout())
+    """The distributed run's layout; with TP > 1 and MoE, sequence parallelism is switched on
+    (megatron needs it there)."""
     dp: int = 1
-    pp: int = 1
-    ep: int = 1
-    etp: int | None = None
-    experts: int | None = None
+    """Data-parallel size of the dense params."""
+    model: ModelSpec | None = None
+    """None: the tiny default `ModelSpec`, dense, with `num_layers = 2 * layout.pp`."""
     steps: int = 5
-    dispatcher: str = "allgather"
-    grouped_gemm: bool = False
-    sequence_parallel: bool = False
     global_batch_size: int = 8
     micro_batch_size: int = 2
     lr: float = 2e-2
     weight_decay: float = 0.1
     clip_grad: float = 1.0
     seed: int = 1234
-    bf16_params: bool = False
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.dp * self.pp
+        return self.layout.tp * self.dp * self.layout.pp
+
+    def model_spec(self) -> ModelSpec:
+        if self.model is not None:
+            return self.model
+        return _tiny().ModelSpec(num_layers=2 * self.layout.pp)
+
+    def distributed_layout(self) -> Layout:
+        """`layout`, with sequence parallelism on where TP > 1 meets MoE."""
+        moe_under_tp = self.layout.tp > 1 and bool(self.model_spec().num_experts)
+        if moe_under_tp and not self.layout.sequence_parallel:
+            return dataclasses.replace(self.layout, sequence_parallel=True)
+        return self.layout
 
     def layout_name(self) -> str:
-        parts = [f"TP{self.tp}", f"DP{self.dp}", f"PP{self.pp}", f"EP{self.ep}"]
-        if self.etp is not None:
-            parts.append(f"ETP{self.etp}")
-        if self.experts:
-            parts.append(f"experts{self.experts}-{self.dispatcher}")
+        lay, model = self.layout, self.model_spec()
+        parts = [f"TP{lay.tp}", f"DP{self.dp}", f"PP{lay.pp}", f"EP{lay.ep}"]
+        if lay.etp is not None:
+            parts.append(f"ETP{lay.etp}")
+        if model.num_experts:
+            parts.append(f"experts{model.num_experts}-{model.moe_token_dispatcher_type}")
         return "x".join(parts)
 
 
-def _model_spec(spec: VerifySpec):
-    from muon_megatron.testing.tiny import ModelSpec
+def _tiny():
+    # The harness imports megatron-core (seconds): only when a spec is built or run.
+    from muon_megatron.testing import tiny
 
-    return ModelSpec(
-        num_layers=2 * spec.pp,
-        num_experts=spec.experts,
-        moe_token_dispatcher_type=spec.dispatcher,
-        moe_grouped_gemm=spec.grouped_gemm,
-        bf16=spec.bf16_params,
-    )
+    return tiny
 
 
-def _layout(spec: VerifySpec, distributed: bool):
-    from muon_megatron.testing.tiny import Layout
+NsKey = tuple[tuple[int, ...], str, int]
+"""(global ranks of the grid, param name, logical matrix index): parameter names are local
+(every PP stage has a `decoder.layers.0`, every EP rank a `local_experts.0`), the grid that
+holds the parameter tells them apart."""
 
-    if not distributed:
-        return Layout()
-    seq_par = spec.sequence_parallel or (spec.tp > 1 and bool(spec.experts))
-    return Layout(tp=spec.tp, pp=spec.pp, ep=spec.ep, etp=spec.etp, sequence_parallel=seq_par)
+
+def _grid_ranks(grid) -> tuple[int, ...]:
+    if grid.group is None:
+        return (torch.distributed.get_rank(),)
+    return tuple(torch.distributed.get_process_group_ranks(grid.group))
 
 
 def _distributed_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig, root: str):
     from muon_megatron.optimizer.builder import muon_optimizers
     from muon_megatron.testing import tiny
 
-    layout = _layout(spec, distributed=True)
-    model_spec = _model_spec(spec)
+    layout, model_spec = spec.distributed_layout(), spec.model_spec()
     tiny.initialize_parallel(layout, spec.seed)
     model = tiny.build_model(model_spec, layout)
     tiny.save_model(model, os.path.join(root, "init"))
     opt_config = tiny.optimizer_config(
-        lr=spec.lr, weight_decay=spec.weight_decay, bf16=spec.bf16_params, clip_grad=spec.clip_grad
+        lr=spec.lr, weight_decay=spec.weight_decay, bf16=model_spec.bf16, clip_grad=spec.clip_grad
     )
     # A constant lr / wd scheduler applies wd_mult (no decay on biases and 1-D params)
     # exactly as a training run does.
@@ -158,11 +200,18 @@ def _distributed_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig
         )
     tiny.save_model(model, os.path.join(root, "final"))
     muons = muon_optimizers(optimizer)
+    ns_counts: Counter[NsKey] = Counter()
+    planned: set[NsKey] = set()
+    for o in muons:
+        grid = _grid_ranks(o.grid)
+        ns_counts.update({(grid, name, j): n for (name, j), n in o.ns_counts.items()})
+        planned.update(
+            (grid, m.name, j) for m in o._matrices for j in range(len(m.split.logical_shapes()))
+        )
     return {
         "losses": losses,
-        "ns_calls": sum(o.ns_calls for o in muons),
-        # Each grid member sees the whole grid's matrices: divide to count each once.
-        "unique_matrices": sum(o.logical_matrix_count / o.grid.size for o in muons),
+        "ns_counts": dict(ns_counts),
+        "planned_matrices": planned,
         "owner_loads": [o.owner_loads() for o in muons],
         "update_rms": {k: v for o in muons for k, v in o.muon_param_update_rms.items()},
     }
@@ -212,14 +261,15 @@ def _reference_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig, 
     from muon_megatron.routing.rules import is_muon_param
     from muon_megatron.testing import tiny
 
-    layout = _layout(spec, distributed=False)
-    model_spec = _model_spec(spec)
+    layout, model_spec = _tiny().Layout(), spec.model_spec()
     tiny.initialize_parallel(layout, spec.seed)
     model = tiny.build_model(model_spec, layout)
     init_path = os.path.join(root, "init")
     tiny.load_model(model, init_path)
     init = {n: p.detach().float().clone() for n, p in model[0].named_parameters()}
-    losses, reference = _train_reference(model, model_spec, layout, spec, cfg, spec.micro_batch_size)
+    losses, reference = _train_reference(
+        model, model_spec, layout, spec, cfg, spec.micro_batch_size
+    )
     ref_final = {n: p.detach().float().clone() for n, p in model[0].named_parameters()}
     # The harness's own fp32 noise on this CPU: the same reference training with the
     # gradient summed in another order (other micro-batches: the same mean loss, another
@@ -248,7 +298,9 @@ def _reordered_micro_batch(spec: VerifySpec) -> int:
     return 1 if spec.micro_batch_size > 1 else 2
 
 
-def _train_reference(model, model_spec, layout, spec: VerifySpec, cfg: MuonConfig, micro_batch: int):
+def _train_reference(
+    model, model_spec, layout, spec: VerifySpec, cfg: MuonConfig, micro_batch: int
+):
     from megatron.core.utils import get_model_config
 
     from muon_megatron.reference import ModelShape, Muon
@@ -301,20 +353,25 @@ def run_verify(spec: VerifySpec, cfg: MuonConfig) -> dict:
     families = family_diffs(errors)
     noise = family_diffs(ref_out["noise"])
     # One gradient feeds both families: the larger family's measured noise is the harness's.
-    tolerances = {f: tolerance_for(cfg, spec.bf16_params, max(noise.values())) for f in families}
+    bf16_params = spec.model_spec().bf16
+    tolerances = {f: tolerance_for(cfg, bf16_params, max(noise.values())) for f in families}
+    tensor_tolerance = tensor_tolerance_for(cfg, bf16_params)
+    families_ok = all(families[f] <= tolerances[f] for f in families)
+    tensors_ok = tensor_tolerance is None or max(diffs.values()) <= tensor_tolerance
     return {
         "layout": spec.layout_name(),
         "max_rel_diff": max(families.values()),
         "family_diffs": families,
         "noise_diffs": noise,
         "tolerances": tolerances,
-        "within_tolerance": all(families[f] <= tolerances[f] for f in families),
+        "tensor_tolerance": tensor_tolerance,
+        "within_tolerance": families_ok and tensors_ok,
         "worst_param": max(diffs, key=diffs.get),
         "diffs": diffs,
         "dist_losses": dist_out[0]["losses"],
         "ref_losses": ref_out["losses"],
-        "ns_calls_total": sum(o["ns_calls"] for o in dist_out),
-        "dist_unique_matrices": round(sum(o["unique_matrices"] for o in dist_out)),
+        "ns_counts_per_rank": [o["ns_counts"] for o in dist_out],
+        "planned_matrices_per_rank": [o["planned_matrices"] for o in dist_out],
         "ref_logical_matrices": ref_out["logical_matrices"],
         "owner_loads": [o["owner_loads"] for o in dist_out],
         "update_rms": {k: v for o in dist_out for k, v in o["update_rms"].items()},

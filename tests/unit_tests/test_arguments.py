@@ -115,6 +115,21 @@ def test_chained_providers_apply_in_order() -> None:
     assert args.my_flag == 4 and args.muon_momentum == MuonConfig().muon_momentum
 
 
+def test_verify_cli_has_every_muon_flag_with_the_dataclass_default() -> None:
+    """`muon-megatron verify` takes every --muon-* flag generated from MuonConfig, each with
+    the dataclass default, except Newton-Schulz in fp32: verify's tight check is fp32."""
+    parser = cli.verify_parser()
+    actions = _actions_by_flag(parser)
+    args = parser.parse_args([])
+    overridden = {"muon_ns_dtype": "fp32"}
+    assert MuonConfig().muon_ns_dtype != overridden["muon_ns_dtype"]
+    for f in FIELDS:
+        action = actions[muon_flag(f.name)]
+        assert action.dest == f.name and action.help == f.metadata["help"], f.name
+        assert getattr(args, f.name) == overridden.get(f.name, f.default), f.name
+    assert MuonConfig.from_namespace(args) == MuonConfig(**overridden)
+
+
 def test_verify_cli_reads_the_muon_flags_before_it_starts_any_process() -> None:
     """`muon-megatron verify` parses every --muon-* flag into its MuonConfig: a bad value or
     a refused Megatron-LM flag stops it with the config's message, before any spawn."""
