@@ -1,2 +1,3 @@
-"""Tools on top of the optimizer and the training layer: `cli`, `verify`, `bench`,
-`comm_counter`."""
+"""Tools on top of the optimizer, the training layer and the harness: `cli` (`muon-megatron`),
+`verify`, and `bench` (`bench_config`, `bench_rank` what each rank measures, `bench_report`
+the table) with `comm_counter`."""
