@@ -55,6 +55,7 @@ __all__ = [
     "save_model",
     "load_model",
     "model_sharded_state_dict",
+    "load_weights",
     "CheckpointMismatchError",
     "CheckpointReadError",
     "FORMAT_VERSION",
@@ -145,7 +146,7 @@ def load_checkpoint(
         for path in squares:
             entry = state_at(loaded["optimizer"], path)
             entry["exp_avg_sq"] = entry["exp_avg"].square()
-        _load_weights(model_chunks, loaded)
+        load_weights(model_chunks, loaded)
         optimizer.load_state_dict(match_chain(loaded["optimizer"], opt_sd, common["optimizer"]))
     if scheduler is not None:
         if "opt_param_scheduler" not in loaded:
@@ -194,7 +195,7 @@ def load_model(
     are views of the model params and see the load either way.
     """
     loaded = dist_checkpointing.load(model_sharded_state_dict(model_chunks), ckpt_dir)
-    _load_weights(model_chunks, loaded)
+    load_weights(model_chunks, loaded)
     if optimizer is not None:
         optimizer.reload_model_params()
 
@@ -207,7 +208,8 @@ def model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict[str, A
     }
 
 
-def _load_weights(model_chunks: list[torch.nn.Module], loaded: dict[str, Any]) -> None:
+def load_weights(model_chunks: list[torch.nn.Module], loaded: dict[str, Any]) -> None:
+    """Put the model part of a loaded `model_sharded_state_dict` request into the model."""
     for i, chunk in enumerate(model_chunks):
         unwrap(chunk).load_state_dict(loaded[_chunk_key(i, len(model_chunks))], strict=True)
 

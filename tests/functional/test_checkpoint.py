@@ -148,15 +148,12 @@ def _megatron_lm_style_load(ckpt_dir: str, model, optimizer, sharding: str, read
 
     members = muon_optimizers(optimizer) if read_adamw else []
     with reading_adamw_checkpoint(members), torch.no_grad():
-        model_sd = checkpointing._model_sharded_state_dict(model)
+        model_sd = checkpointing.model_sharded_state_dict(model)
         opt_sd = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata=checkpointing._metadata(sharding)
         )
         loaded = dist_checkpointing.load({**model_sd, "optimizer": opt_sd}, ckpt_dir)
-        for i, chunk in enumerate(model):
-            checkpointing._unwrap(chunk).load_state_dict(
-                loaded[checkpointing._chunk_key(i, len(model))], strict=True
-            )
+        checkpointing.load_weights(model, loaded)
         optimizer.load_state_dict(loaded["optimizer"])
 
 

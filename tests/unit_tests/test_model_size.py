@@ -23,11 +23,11 @@ SHARED = ["--disable-bias-linear", "--normalization", "RMSNorm",
 
 
 def _built_count(rank: int, world_size: int, flags: list[str]) -> int:
-    from muon_megatron.training import model as model_setup
+    from muon_megatron.training import model as gpt
 
     args = build_parser().parse_args(flags)
-    model_setup.initialize_parallel(args)
-    return model_setup.local_parameter_count(model_setup.build_model(args))
+    gpt.initialize_parallel(args)
+    return gpt.local_parameter_count(gpt.build_model(args))
 
 
 @pytest.mark.parametrize("extra", [[], SHARED], ids=["biases", "shared_experts"])
