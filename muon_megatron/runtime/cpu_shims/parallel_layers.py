@@ -39,7 +39,7 @@ class _GroupedGemmOps:
 
 
 def _install_moe_shims() -> None:
-    from megatron.core.transformer.moe import experts, grouped_gemm_util, moe_utils
+    from megatron.core.transformer.moe import experts, moe_utils
 
     with contextlib.suppress(ImportError):
         import megatron.core.transformer.moe.token_dispatcher  # noqa: F401
@@ -63,15 +63,21 @@ def _install_moe_shims() -> None:
     _wrap_function(moe_utils, "maybe_move_tensor_to_cpu", move_to_cpu)
     _install_uneven_first_dim_collectives()
 
-    # experts.py:81 (GroupedMLP) requires the `grouped_gemm` CUDA extension.
-    if grouped_gemm_util.grouped_gemm is None:
+    # The legacy GroupedMLP (0.16-0.18; megatron-core 0.19 removed it, and with it
+    # `grouped_gemm_util`) requires the `grouped_gemm` CUDA extension (experts.py:81).
+    try:
+        from megatron.core.transformer.moe import grouped_gemm_util
+    except ImportError:
+        grouped_gemm_util = None
+    if grouped_gemm_util is not None and grouped_gemm_util.grouped_gemm is None:
         stand_in = types.SimpleNamespace(ops=_GroupedGemmOps())
         grouped_gemm_util.grouped_gemm = stand_in
         grouped_gemm_util.ops = stand_in.ops
     # experts.py 94/111 wrap GroupedMLP's activations in `jit_fuser` (torch.compile) at
     # construction time; on CPU that runs the inductor C++ toolchain in every process for a
     # fusion that only pays off on GPU.
-    experts.jit_fuser = _mark(lambda fn: fn)
+    if hasattr(experts, "GroupedMLP") and hasattr(experts, "jit_fuser"):
+        experts.jit_fuser = _mark(lambda fn: fn)
 
 
 def _install_uneven_first_dim_collectives() -> None:
