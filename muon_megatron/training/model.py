@@ -143,6 +143,21 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
     )
 
 
+def _require_local_grouped_mlp() -> None:
+    # megatron-core 0.19 removed the legacy GroupedMLP: its local layer spec then builds a
+    # SequentialMLP for --moe-grouped-gemm without a word. Refuse rather than run another
+    # expert layout than the one asked for.
+    from megatron.core.transformer.moe import experts
+
+    if not hasattr(experts, "GroupedMLP"):
+        raise ValueError(
+            "--moe-grouped-gemm with the local layers (--transformer-impl local, or no "
+            "Transformer Engine) needs megatron-core's legacy GroupedMLP, which this "
+            "megatron-core no longer has: use --transformer-impl transformer_engine (TEGroupedMLP) "
+            "or drop --moe-grouped-gemm (SequentialMLP)."
+        )
+
+
 def build_model(
     args: argparse.Namespace, *, ddp_overrides: dict[str, Any] | None = None
 ) -> list[torch.nn.Module]:
@@ -153,8 +168,11 @@ def build_model(
     (no virtual pipeline stages).
     """
     config = transformer_config(args)
+    use_te = _use_transformer_engine(args)
+    if args.num_experts is not None and args.moe_grouped_gemm and not use_te:
+        _require_local_grouped_mlp()
     block_spec = get_gpt_decoder_block_spec(
-        config, use_transformer_engine=_use_transformer_engine(args), normalization=args.normalization
+        config, use_transformer_engine=use_te, normalization=args.normalization
     )
     model: torch.nn.Module = GPTModel(
         config=config,
