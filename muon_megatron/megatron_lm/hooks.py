@@ -66,8 +66,9 @@ MUON_OPTIMIZER_NAME = "muon"
 _MARK = "__muon_megatron_hook__"
 _BUILDER_NAMES = ("get_megatron_optimizer", "get_megatron_muon_optimizer")
 # Keyword arguments Megatron-LM passes that get_muon_optimizer does not take, and why they
-# can be dropped: a debugging dump, and the layer-wise optimizer of Megatron's own dist_muon.
-_DROPPED_KWARGS = ("dump_param_to_param_group_map", "layer_wise_distributed_optimizer")
+# can be dropped: the layer-wise optimizer of Megatron's own dist_muon (refused above when
+# set). Everything else goes on to megatron-core's get_megatron_optimizer.
+_DROPPED_KWARGS = ("layer_wise_distributed_optimizer",)
 # The only checkpoint format whose optimizer path (sharded_state_dict) carries Muon momentum.
 # 'torch' goes through save_parameter_state (one gathered legacy file per DP group),
 # 'fsdp_dtensor' and the others belong to FSDP.

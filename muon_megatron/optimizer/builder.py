@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Iterator
 
 import torch
@@ -71,13 +72,27 @@ def get_muon_optimizer(
     pg_collection=None,
     *,
     is_muon: Callable[[str, torch.Tensor], bool] = is_muon_param,
+    **megatron_kw,
 ):
     """Megatron optimizer with Muon for 2-D hidden weights (same arguments as
     `megatron.core.optimizer.get_megatron_optimizer`, plus `muon_config` and `is_muon`).
 
+    `megatron_kw`: the installed megatron-core's other keyword arguments (0.19's
+    `dump_param_to_param_group_map`, say), passed on where its `get_megatron_optimizer` takes
+    them; a set one it does not take is refused (TypeError) rather than dropped.
+
     lr, weight decay and their schedule come from `config` and Megatron's scheduler for
     both Muon and AdamW (Moonlight's recipe: keep AdamW's values)."""
     from megatron.core.optimizer import get_megatron_optimizer
+
+    accepted = inspect.signature(get_megatron_optimizer).parameters
+    unknown = sorted(k for k, v in megatron_kw.items() if k not in accepted and v is not None)
+    if unknown:
+        raise TypeError(
+            f"get_megatron_optimizer of this megatron-core takes no {unknown}; drop them or "
+            "install the megatron-core release that has them."
+        )
+    megatron_kw = {k: v for k, v in megatron_kw.items() if k in accepted}
 
     check_supported(config)
     if getattr(model_chunks[0].ddp_config, "use_megatron_fsdp", False):
@@ -97,6 +112,7 @@ def get_muon_optimizer(
             config_overrides=config_overrides,
             use_gloo_process_groups=use_gloo_process_groups,
             pg_collection=pg_collection,
+            **megatron_kw,
         )
     check_once_per_step(optimizer)
     return optimizer

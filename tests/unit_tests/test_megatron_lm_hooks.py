@@ -81,7 +81,38 @@ def test_muon_routes_to_get_muon_optimizer_with_flags_as_muon_config(monkeypatch
     assert metrics._optimizer() is built  # what training_log reports on
     assert received["muon_config"] == MuonConfig(muon_momentum=0.9,
                                                  muon_coefficients="polar_express")
-    assert received["kwargs"] == {"config_overrides": {"k": 1}, "use_gloo_process_groups": False}
+    # Everything Megatron-LM passes goes on; get_muon_optimizer itself checks it against the
+    # installed megatron-core (test_builder_passes_on_or_refuses_megatron_keywords).
+    assert received["kwargs"] == {
+        "config_overrides": {"k": 1},
+        "use_gloo_process_groups": False,
+        "dump_param_to_param_group_map": None,
+    }
+
+
+def test_builder_passes_on_or_refuses_megatron_keywords(monkeypatch) -> None:
+    """A keyword the installed get_megatron_optimizer takes goes on to it; a set one it
+    does not take is refused, naming it, before anything is built; an unset one is dropped."""
+    import megatron.core.optimizer as mcore_optimizer
+
+    seen = {}
+
+    def fake_get_megatron_optimizer(config, model_chunks, config_overrides=None,
+                                    use_gloo_process_groups=True, pg_collection=None,
+                                    dump_param_to_param_group_map=None):
+        seen.update(dump=dump_param_to_param_group_map)
+        raise RuntimeError("built")
+
+    ddp = types.SimpleNamespace(ddp_config=types.SimpleNamespace())
+    config = _ok_optimizer_config()
+    monkeypatch.setattr(mcore_optimizer, "get_megatron_optimizer", fake_get_megatron_optimizer)
+    with pytest.raises(RuntimeError, match="built"):
+        builder.get_muon_optimizer(config, [ddp], dump_param_to_param_group_map="/tmp/map")
+    assert seen == {"dump": "/tmp/map"}
+    with pytest.raises(TypeError, match=r"takes no \['no_such_knob'\]"):
+        builder.get_muon_optimizer(config, [ddp], no_such_knob=1)
+    with pytest.raises(RuntimeError, match="built"):
+        builder.get_muon_optimizer(config, [ddp], no_such_knob=None)
 
 
 def test_other_optimizers_reach_megatron_unchanged() -> None:
@@ -198,3 +229,9 @@ def test_install_into_is_idempotent() -> None:
     hooks._install_into(training=mods.training, validators=(mods.initialize,),
                               get_args=lambda: args)
     assert mods.training.get_megatron_optimizer is hooked
+
+
+def _ok_optimizer_config():
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(optimizer="muon", lr=1e-3, use_distributed_optimizer=True, bf16=True)
