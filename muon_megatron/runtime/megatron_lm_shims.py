@@ -172,8 +172,12 @@ def _reuse_prebuilt_dataset_helpers() -> None:
 
 
 def _install_initialize_shims() -> None:
-    from megatron.legacy import fused_kernels
     from megatron.training import initialize, training  # noqa: F401  (imports the name)
+
+    try:  # Megatron-LM core_v0.19 removed megatron/legacy and the fused-kernel build with it
+        from megatron.legacy import fused_kernels
+    except ImportError:
+        fused_kernels = None
 
     # initialize.py:60-62 asserts CUDA unless `allow_no_cuda`; pretrain (training.py ~740)
     # never passes it.
@@ -190,7 +194,7 @@ def _install_initialize_shims() -> None:
     # initialize.py:234-240: legacy/fused_kernels/__init__.py:17 `load` runs nvcc -V (fails
     # without CUDA_HOME) and builds nothing else: the fused softmax it once built now comes
     # from Transformer Engine or Apex, and the local path falls back to torch's softmax.
-    if not _patching._is_shim(fused_kernels.load):
+    if fused_kernels is not None and not _patching._is_shim(fused_kernels.load):
         fused_kernels.load = _patching._mark(lambda args: None)
 
     # initialize.py:457-523 (`_warmup_jit_function`, called by `set_jit_fusion_options`,
@@ -202,7 +206,8 @@ def _install_initialize_shims() -> None:
     # (CPU) generator before the model is built, which only shifts which deterministic
     # initial weights a CPU run gets.
     if not _patching._is_shim(initialize._warmup_jit_function):
-        initialize._warmup_jit_function = _patching._mark(lambda: None)
+        # core_v0.19 added a `tp_size` argument: take whatever the release passes.
+        initialize._warmup_jit_function = _patching._mark(lambda *args, **kwargs: None)
 
 
 # --------------------------------------------------------------------------------------------
