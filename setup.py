@@ -16,7 +16,7 @@ setup(
     packages=find_packages(include=["muon_megatron", "muon_megatron.*"]),
     install_requires=[
         "torch>=2.9",
-        "megatron-core>=0.16.1",
+        "megatron-core>=0.16.1,<=0.19.2",  # the tested range: README, tests/newest_core.sh
         "psutil",
         "numpy",
     ],
