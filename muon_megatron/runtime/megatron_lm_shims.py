@@ -114,15 +114,18 @@ def _install_checkpoint_writer_queue() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    def forked(orig: Callable[[], Any]) -> Callable[[], Any]:
-        def queue() -> Any:
+    def forked(orig: Callable[..., Any]) -> Callable[..., Any]:
+        def queue(*args: Any, **kwargs: Any) -> Any:  # core_v0.19 adds mp_mode='spawn'
             if filesystem_async._results_queue is None:
                 filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
             return filesystem_async._results_queue
 
         return queue
 
-    _patching._wrap_function(filesystem_async, "_get_write_results_queue", forked)
+    # core_v0.19 made the function public (get_write_results_queue).
+    for name in ("_get_write_results_queue", "get_write_results_queue"):
+        if hasattr(filesystem_async, name):
+            _patching._wrap_function(filesystem_async, name, forked)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,17 +245,32 @@ _CUDA_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 # Megatron-LM modules that create tensors with a literal device='cuda' (core_v0.16.1 lines).
-_DEVICE_LITERAL_MODULES = (
+# A tuple lists where the same code lives in other releases: the first that holds `torch`.
+_DEVICE_LITERAL_MODULES: tuple[str | tuple[str, ...], ...] = (
     "megatron.training.training",  # 806/812 start times, 1816/2072 loss dict, 2373/3149 exit
     "megatron.training.checkpointing",  # 315 iteration check
-    "megatron.training.utils",  # 117-208 param norms (--log-params-norm)
+    # 117-208 param norms (--log-params-norm); core_v0.19 made utils a package and moved
+    # them to utils/common_utils.py.
+    ("megatron.training.utils.common_utils", "megatron.training.utils"),
 )
+
+
+def _module_holding_torch(names: str | tuple[str, ...]) -> types.ModuleType:
+    candidates = (names,) if isinstance(names, str) else names
+    for name in candidates:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if module.__dict__.get("torch") is not None:
+            return module
+    raise RuntimeError(f"none of {candidates} imports torch: update _DEVICE_LITERAL_MODULES")
 
 
 def _install_cuda_views() -> None:
     factories = {name: _patching._cpu_for_cuda_device(getattr(torch, name)) for name in _FACTORY_NAMES}
-    for mod_name in _DEVICE_LITERAL_MODULES:
-        module = importlib.import_module(mod_name)
+    for mod_names in _DEVICE_LITERAL_MODULES:
+        module = _module_holding_torch(mod_names)
         view = module.__dict__.get("torch")
         if not (isinstance(view, _patching._TorchView) and "tensor" in view._overrides):
             _patching._view_torch_in(module, factories)

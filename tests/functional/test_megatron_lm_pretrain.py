@@ -17,6 +17,7 @@ imports; skipped, with the reason, without them.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import math
 import pathlib
@@ -242,6 +243,12 @@ def _checkpoint_contents(iter_dir: pathlib.Path, scratch: pathlib.Path) -> dict[
 # from the CPU generator when the iterator is built, i.e. after a resume's load) moves both;
 # on GPU only the CPU generator moves. No draw from it reaches training (dropout is off).
 _CPU_GENERATOR_KEYS = ("torch_rng_state", "cuda_rng_state")
+# The run's arguments (stored in the checkpoint by core_v0.19): a resumed run is launched
+# with --load, starts at iteration 5 (ckpt_step: the step it loaded) and, in these tests,
+# saves to a directory of its own; these record how it was launched, not its state.
+_SET_BY_THE_RESUME = frozenset(
+    {"iteration", "num_floating_point_operations_so_far", "load", "ckpt_step", "save"}
+)
 
 
 def _assert_bitwise_equal(a: Any, b: Any, path: str = "") -> None:
@@ -259,6 +266,14 @@ def _assert_bitwise_equal(a: Any, b: Any, path: str = "") -> None:
         assert torch.equal(a, b), f"{path}: max |diff| {(a.double() - b.double()).abs().max()}"
     elif isinstance(a, np.ndarray):  # numpy's RNG state
         assert isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b), path
+    elif isinstance(a, argparse.Namespace):  # core_v0.19 keeps the run's args in every shard
+        assert isinstance(b, argparse.Namespace), path
+        mine, theirs = vars(a), vars(b)
+        differ = sorted(
+            k for k in mine.keys() | theirs.keys()
+            if k not in _SET_BY_THE_RESUME and mine.get(k) != theirs.get(k)
+        )
+        assert not differ, f"{path}: {[(k, mine.get(k), theirs.get(k)) for k in differ]}"
     else:
         assert type(a) is type(b) and a == b, path
 
