@@ -95,6 +95,7 @@ def step_time_ratio(spec_kwargs: dict, steps: int, warmup: int, gbs: int, mbs: i
     """Median optimizer.step() ms of Muon and AdamW on one device, same model and batches."""
     from muon_megatron.config import MuonConfig
     from muon_megatron.testing import tiny
+    from muon_megatron.training.model import local_parameter_count
 
     _init_single_process()
     spec = tiny.ModelSpec(bf16=True, **spec_kwargs)
@@ -103,7 +104,7 @@ def step_time_ratio(spec_kwargs: dict, steps: int, warmup: int, gbs: int, mbs: i
     for name in ("adamw", "muon"):
         tiny.initialize_parallel(layout, seed=1234)
         model = tiny.build_model(spec, layout)  # on the current CUDA device
-        out["parameters"] = sum(p.numel() for m in model for p in m.parameters())
+        out["parameters"] = local_parameter_count(model)
         config = tiny.optimizer_config(lr=1e-4, weight_decay=0.1, bf16=True)
         muon_config = MuonConfig(muon_ns_dtype="bf16") if name == "muon" else None
         optimizer = tiny.build_optimizer(model, config, muon_config)

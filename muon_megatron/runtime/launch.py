@@ -10,6 +10,7 @@ shims installed. Results come back pickled by value, ordered by rank.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import pickle
@@ -18,13 +19,13 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
 
-__all__ = ["spawn"]
+__all__ = ["spawn", "child_env_defaults"]
 
 # How long a rank that died without reporting is given for its report to arrive through the
 # queue's pipe before the parent gives up on it.
@@ -111,6 +112,22 @@ def _teardown() -> None:
         sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def child_env_defaults(defaults: Mapping[str, str]) -> Iterator[None]:
+    """Spawned ranks inherit the environment: set each variable of `defaults` the user has
+    not set (an empty value counts as unset) for the duration, then restore every one."""
+    saved = {key: os.environ.get(key) for key in defaults}
+    os.environ.update({key: value for key, value in defaults.items() if not saved[key]})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 600) -> list:

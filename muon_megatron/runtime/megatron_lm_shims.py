@@ -38,8 +38,7 @@ from typing import Any
 
 import torch
 
-from muon_megatron.runtime.cpu_shims import install_cpu_shims
-from muon_megatron.runtime.cpu_shims import _patching
+from muon_megatron.runtime.cpu_shims import _patching, install_cpu_shims
 from muon_megatron.runtime.cpu_shims.cuda import _FACTORY_NAMES
 
 __all__ = ["install_megatron_lm_cpu_shims"]

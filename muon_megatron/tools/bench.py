@@ -95,7 +95,7 @@ def mcore_muon_status() -> tuple[bool, str]:
 
 def run_bench(cfg: BenchConfig, timeout_s: float = 1800) -> dict[str, Any]:
     """Run the benchmark; returns the summary (rows, checks) plus run information."""
-    from muon_megatron.runtime.launch import spawn
+    from muon_megatron.runtime.launch import child_env_defaults, spawn
     from muon_megatron.tools.bench_rank import rank_main
 
     unknown = [x for x in cfg.layouts if x not in LAYOUTS]
@@ -109,14 +109,8 @@ def run_bench(cfg: BenchConfig, timeout_s: float = 1800) -> dict[str, Any]:
     t0 = time.perf_counter()
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
            "PYTHONWARNINGS": ",".join(_CPU_NOISE)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: os.environ.get(k) or v for k, v in env.items()})
-    try:
+    with child_env_defaults(env):
         per_rank = spawn(rank_main, cfg.world, cfg, timeout_s=timeout_s)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
     result = summarize(cfg, per_rank, mcore)
     result["config"] = asdict(cfg)
     result["mcore_muon"] = {"available": mcore[0], "why": mcore[1]}

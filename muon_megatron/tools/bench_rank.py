@@ -157,6 +157,7 @@ def _bench_one(cfg: BenchConfig, layout_name: str, opt_name: str) -> dict[str, A
     from muon_megatron.optimizer.builder import muon_optimizers
     from muon_megatron.testing import tiny
     from muon_megatron.tools.comm_counter import CollectiveCounter
+    from muon_megatron.training.model import local_parameter_count
 
     spec = cfg.model_spec(layout_name)
     layout = tiny.Layout(**LAYOUTS[layout_name])
@@ -205,7 +206,7 @@ def _bench_one(cfg: BenchConfig, layout_name: str, opt_name: str) -> dict[str, A
         "ns_flops": flops, "ns_matrices": matrices, "ns_calls": calls, "losses": losses,
         "ns_seconds": ns_seconds, "a2a_seconds": a2a_seconds,
         "state": state, "muon": static, "transient": transient,
-        "local_params": sum(p.numel() for chunk in model for p in chunk.parameters()),
+        "local_params": local_parameter_count(model),
     }
 
 

@@ -26,14 +26,13 @@ What one run does, rank by rank:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -61,9 +60,11 @@ def launch(args: argparse.Namespace) -> dict[str, Any] | None:
         )
     world_size = args.world_size or default_world_size(args)
     validate_args(args, world_size)
-    from muon_megatron.runtime.launch import spawn
+    from muon_megatron.runtime.launch import child_env_defaults, spawn
 
-    with _quiet_cpu_children():
+    # CUDA_DEVICE_MAX_CONNECTIONS=1 is what megatron asks for with sequence parallelism.
+    quiet = {"PYTHONWARNINGS": ",".join(_CPU_NOISE), "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    with child_env_defaults(quiet):
         return spawn(_spawned_rank, world_size, args, timeout_s=args.timeout_s)[0]
 
 
@@ -77,23 +78,6 @@ _CPU_NOISE = (
     "ignore:The .grad attribute of a Tensor that is not a leaf Tensor",
     "ignore:full scope is deprecated",
 )
-
-
-@contextlib.contextmanager
-def _quiet_cpu_children() -> Iterator[None]:
-    """Spawned ranks inherit the environment: filter the noise there, unless the user set
-    PYTHONWARNINGS; CUDA_DEVICE_MAX_CONNECTIONS=1 is what megatron asks for with SP."""
-    saved = {k: os.environ.get(k) for k in ("PYTHONWARNINGS", "CUDA_DEVICE_MAX_CONNECTIONS")}
-    os.environ.setdefault("PYTHONWARNINGS", ",".join(_CPU_NOISE))
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _run_under_torchrun(args: argparse.Namespace) -> dict[str, Any] | None:
