@@ -13,7 +13,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-__all__ = ["MuonConfig", "ScaleMode", "REFUSED_SCALE_MODES", "CoefficientSet", "NSDtype", "CommDtype"]
+__all__ = [
+    "MuonConfig",
+    "ScaleMode",
+    "REFUSED_SCALE_MODES",
+    "CoefficientSet",
+    "NSDtype",
+    "CommDtype",
+    "RouterOptimizer",
+]
 
 ScaleMode = Literal["moonlight", "shape_scaling", "unit_rms_norm", "none"]
 # Spellings refused with a message, never reinterpreted: "spectral" means sqrt(max(A, B)) in
@@ -31,6 +39,7 @@ REFUSED_SCALE_MODES: dict[str, str] = {
 CoefficientSet = Literal["quintic", "polar_express"]
 NSDtype = Literal["bf16", "fp32"]
 CommDtype = Literal["fp32", "bf16"]
+RouterOptimizer = Literal["adamw", "muon"]
 
 
 def _knob(default, help: str):
@@ -88,9 +97,28 @@ class MuonConfig:
         True, "With gated linear units (SwiGLU), orthogonalize fc1's gate and up separately."
     )
     muon_bucket_mb: float = _knob(
-        256.0,
-        "Upper bound (MiB of fp32 momentum) on one batched gather/scatter; matrices are "
-        "communicated in as few collectives as fit under it.",
+        64.0,
+        "Upper bound (MiB of fp32, full matrices) on one bucket: one gather and one scatter "
+        "each. Buckets are pipelined (bucket k+1's gather and bucket k-1's scatter overlap "
+        "bucket k's Newton-Schulz), so a large model needs several; a matrix larger than "
+        "the bound gets a bucket of its own.",
+    )
+    muon_split_mla: bool = _knob(
+        False,
+        "Orthogonalize MLA's linear_kv_up_proj as its K-nope and V matrices, and "
+        "linear_q_proj / linear_q_up_proj as q-nope and q-rope (each over all heads). "
+        "Default: every MLA projection as one whole matrix.",
+    )
+    muon_router_optimizer: RouterOptimizer = _knob(
+        "adamw",
+        "Optimizer of the MoE router weight [experts, hidden]: 'adamw' (DeepSeek-style, "
+        "the default) or 'muon' (a Muon matrix, orthogonalized whole).",
+    )
+    muon_norm_weight_decay: bool = _knob(
+        False,
+        "Decay norm gammas (the weights of RMSNorm / LayerNorm) at the run's weight decay; "
+        "Megatron leaves every 1-D param undecayed. Moonlight found it crucial for "
+        "training stability (arXiv 2502.16982, appendix D). Biases stay undecayed.",
     )
 
     def __post_init__(self) -> None:
@@ -100,6 +128,7 @@ class MuonConfig:
         _check_choice("muon_coefficients", self.muon_coefficients, CoefficientSet)
         _check_choice("muon_ns_dtype", self.muon_ns_dtype, NSDtype)
         _check_choice("muon_comm_dtype", self.muon_comm_dtype, CommDtype)
+        _check_choice("muon_router_optimizer", self.muon_router_optimizer, RouterOptimizer)
         if not 0.0 <= self.muon_momentum < 1.0:
             raise ValueError(
                 f"muon_momentum={self.muon_momentum} is outside [0, 1); Moonlight uses 0.95."

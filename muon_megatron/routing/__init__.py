@@ -1,11 +1,13 @@
-"""Routing: which parameters are Muon matrices (`rules`) and how fused weights split (`splits`).
+"""Routing: which parameters are Muon matrices (`rules`), how fused weights split (`splits`)
+and which are weight-decayed (`weight_decay`).
 
-Both modules' names are re-exported, so that `from muon_megatron.routing import
+The modules' names are re-exported, so that `from muon_megatron.routing import
 is_muon_param` (the path before the package was layered) keeps working.
 """
 
-from muon_megatron.routing import rules, splits
+from muon_megatron.routing import rules, splits, weight_decay
 from muon_megatron.routing.rules import *  # noqa: F403  (re-export)
 from muon_megatron.routing.splits import *  # noqa: F403  (re-export)
+from muon_megatron.routing.weight_decay import *  # noqa: F403  (re-export)
 
-__all__ = [*rules.__all__, *splits.__all__]
+__all__ = [*rules.__all__, *splits.__all__, *weight_decay.__all__]

@@ -2,30 +2,47 @@
 
 Small named predicates, kept apart from the optimizer's step so each is tested on its own:
 Moonlight keeps embeddings, the output head, norms and (DeepSeek-style MoE) the router on
-AdamW; every other 2-D weight is a Muon matrix.
+AdamW; every other 2-D weight is a Muon matrix, MLA's projections included (each whole:
+`linear_q_proj` or `linear_q_down_proj` / `linear_q_up_proj`, `linear_kv_down_proj`,
+`linear_kv_up_proj`; their `q_layernorm` / `kv_layernorm` are norms). The shared experts'
+gate (`shared_experts.gate_weight`, [1, hidden]) is a vector stored as a matrix: AdamW.
+`muon_param_rule(muon_config)` is the predicate for a config (`--muon-router-optimizer`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Literal
 
 import torch
+
+from muon_megatron.config import MuonConfig
 
 __all__ = [
     "ADAMW_NAME_PARTS",
     "Kind",
     "canonical_name",
     "is_muon_param",
+    "is_router_weight",
+    "muon_param_rule",
     "param_kind",
     "require_matrix",
 ]
 
 # Substrings of parameter names that always stay on AdamW, whatever their shape
-# (Moonlight: embeddings, output head, norms; DeepSeek-style MoE adds the router).
-ADAMW_NAME_PARTS: tuple[str, ...] = ("embedding", "output_layer", "router", "norm")
+# (Moonlight: embeddings, output head, norms; DeepSeek-style MoE adds the router; the
+# shared experts' sigmoid gate is one row, [1, hidden]: orthogonalizing it would only
+# normalize it, a sign-like update at Muon's matrix scale).
+ADAMW_NAME_PARTS: tuple[str, ...] = (
+    "embedding",
+    "output_layer",
+    "router",
+    "norm",
+    "shared_experts.gate_weight",
+)
 
-Kind = Literal["plain", "qkv", "fc1", "grouped_fc1", "grouped_fc2"]
+Kind = Literal["plain", "qkv", "fc1", "grouped_fc1", "grouped_fc2", "mla_q", "mla_kv_up"]
 
 
 def canonical_name(name: str) -> str:
@@ -41,6 +58,26 @@ def is_muon_param(name: str, param: torch.Tensor) -> bool:
     if param.ndim != 2 or name.endswith("bias"):
         return False
     return not any(part in name for part in ADAMW_NAME_PARTS)
+
+
+def is_router_weight(name: str) -> bool:
+    """The MoE router's weight ([num_experts, hidden], TP-replicated)."""
+    return canonical_name(name).endswith("mlp.router.weight")
+
+
+def muon_param_rule(muon_config: MuonConfig) -> Callable[[str, torch.Tensor], bool]:
+    """The routing predicate for `muon_config`: `is_muon_param`, with the router weight on
+    Muon when `muon_router_optimizer == 'muon'` (the Moonlight report compares the router's
+    singular values under Muon and AdamW, arXiv 2502.16982 figure 10)."""
+    if muon_config.muon_router_optimizer == "adamw":
+        return is_muon_param
+
+    def is_muon_param_router_on_muon(name: str, param: torch.Tensor) -> bool:
+        if is_router_weight(name) and param.ndim == 2:
+            return True
+        return is_muon_param(name, param)
+
+    return is_muon_param_router_on_muon
 
 
 def require_matrix(name: str, shape: tuple[int, ...] | torch.Size) -> None:
@@ -60,6 +97,10 @@ def param_kind(name: str) -> Kind:
     name = canonical_name(name)
     if name.endswith("self_attention.linear_qkv.weight"):
         return "qkv"
+    if name.endswith(("self_attention.linear_q_proj.weight", "self_attention.linear_q_up_proj.weight")):
+        return "mla_q"
+    if name.endswith("self_attention.linear_kv_up_proj.weight"):
+        return "mla_kv_up"
     if name.endswith("linear_fc1.weight") or _TE_GROUPED_FC1.search(name):
         return "fc1"
     if name.endswith("experts.weight1"):

@@ -1,7 +1,8 @@
 """How a fused Megatron weight splits into the logical matrices Muon orthogonalizes.
 
 Muon must orthogonalize each *logical* matrix on its own: one MoE expert, Q / K / V, the
-SwiGLU gate and up projections. Megatron stores these fused, and under tensor parallelism
+SwiGLU gate and up projections (and, with `--muon-split-mla`, MLA's K-nope / V and
+q-nope / q-rope; by default each MLA projection is one whole matrix). Megatron stores these fused, and under tensor parallelism
 each TP rank holds a slice of each. This module describes, for one TP-local parameter
 tensor, the 2-D *pieces* it contributes and how the pieces of all TP ranks combine into
 the logical matrices (`MatrixSplit`). It is plain tensor code: no communication.
@@ -120,11 +121,16 @@ class ModelShape:
     gated_linear_unit: bool
     hidden_size: int
     moe_ffn_hidden_size: int | None = None
+    qk_head_dim: int | None = None
+    """MLA only (None otherwise): per-head dims of q/k without RoPE, with RoPE, and of v."""
+    qk_pos_emb_head_dim: int | None = None
+    v_head_dim: int | None = None
 
     @classmethod
     def from_transformer_config(cls, cfg: TransformerConfig) -> ModelShape:
         """Read megatron's `TransformerConfig`, filling its None defaults the way it does."""
         heads = cfg.num_attention_heads
+        mla = bool(getattr(cfg, "multi_latent_attention", False))
         return cls(
             num_attention_heads=heads,
             num_query_groups=cfg.num_query_groups or heads,
@@ -132,7 +138,28 @@ class ModelShape:
             gated_linear_unit=bool(cfg.gated_linear_unit),
             hidden_size=cfg.hidden_size,
             moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+            qk_head_dim=cfg.qk_head_dim if mla else None,
+            qk_pos_emb_head_dim=cfg.qk_pos_emb_head_dim if mla else None,
+            v_head_dim=cfg.v_head_dim if mla else None,
         )
+
+
+def _mla_head_row_groups(
+    name: str, rows: int, first: int, second: int
+) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Rows of the first and second part of every head of an MLA up-projection, whose rows
+    are [first, second] per head, heads one after another (q: [nope, rope]; kv: [k_nope, v])."""
+    per_head = first + second
+    if rows % per_head != 0:
+        raise ValueError(
+            f"{name}: {rows} rows are not whole heads of {first}+{second}; check "
+            "--qk-head-dim / --qk-pos-emb-head-dim / --v-head-dim, or drop --muon-split-mla."
+        )
+    heads = range(rows // per_head)
+    return (
+        tuple((h * per_head, h * per_head + first) for h in heads),
+        tuple((h * per_head + first, (h + 1) * per_head) for h in heads),
+    )
 
 
 def matrix_split(
@@ -148,6 +175,9 @@ def matrix_split(
     gated_linear_unit: bool,
     hidden_size: int,
     moe_ffn_hidden_size: int | None = None,
+    qk_head_dim: int | None = None,
+    qk_pos_emb_head_dim: int | None = None,
+    v_head_dim: int | None = None,
 ) -> MatrixSplit:
     """The `MatrixSplit` of a Muon parameter with TP-local shape `local_shape`.
 
@@ -184,6 +214,17 @@ def matrix_split(
         per_head = muon_config.muon_split_qkv_per_head
         row_groups = _qkv_row_groups(groups, heads_per_group, kv_channels, per_head)
         return split((rows, cols), False, row_groups, 0, "per_rank" if per_head else "concat")
+    if kind in ("mla_q", "mla_kv_up") and muon_config.muon_split_mla:
+        if qk_head_dim is None or qk_pos_emb_head_dim is None or v_head_dim is None:
+            raise ValueError(
+                f"{name}: --muon-split-mla needs the MLA head dims (ModelShape.qk_head_dim, "
+                "qk_pos_emb_head_dim, v_head_dim); build the ModelShape from the model's "
+                "MLATransformerConfig."
+            )
+        second = qk_pos_emb_head_dim if kind == "mla_q" else v_head_dim
+        # Column-parallel: each TP rank holds whole heads, so the first parts of all ranks
+        # concatenated are the first parts of all heads ('concat' along rows).
+        return split((rows, cols), False, _mla_head_row_groups(name, rows, qk_head_dim, second), 0)
     if kind == "fc1":
         glu = gated_linear_unit and muon_config.muon_split_fc1
         groups = (_ranges((0, rows // 2)), _ranges((rows // 2, rows))) if glu else whole_rows

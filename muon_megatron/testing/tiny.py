@@ -88,6 +88,16 @@ class ModelSpec:
     bf16: bool = False
     """Wrap the model in megatron's `Float16Module` (bf16 params, fp32 main params)."""
     init_method_std: float = 0.02
+    multi_latent_attention: bool = False
+    """MLA (megatron-core's MLASelfAttention) instead of GQA; the fields below shape it."""
+    q_lora_rank: int | None = None
+    """None: one linear_q_proj; an int: linear_q_down_proj / linear_q_up_proj."""
+    kv_lora_rank: int = 16
+    qk_head_dim: int = 16
+    qk_pos_emb_head_dim: int = 8
+    v_head_dim: int = 16
+    qk_layernorm: bool = False
+    """With MLA: q_layernorm / kv_layernorm on the latents."""
 
 
 @dataclass
@@ -128,8 +138,6 @@ def megatron_args(spec: ModelSpec, layout: Layout, seed: int = 0) -> argparse.Na
         f"--num-layers={spec.num_layers}",
         f"--hidden-size={spec.hidden_size}",
         f"--num-attention-heads={spec.num_attention_heads}",
-        "--group-query-attention",
-        f"--num-query-groups={spec.num_query_groups}",
         f"--ffn-hidden-size={spec.ffn_hidden_size}",
         f"--vocab-size={spec.vocab_size}",
         f"--seq-length={spec.seq_length}",
@@ -140,6 +148,8 @@ def megatron_args(spec: ModelSpec, layout: Layout, seed: int = 0) -> argparse.Na
         "--transformer-impl=local",
         f"--seed={seed}",
     ]
+    if not spec.multi_latent_attention:
+        argv += ["--group-query-attention", f"--num-query-groups={spec.num_query_groups}"]
     if layout.etp is not None:
         argv.append(f"--expert-tensor-parallel-size={layout.etp}")
     if layout.sequence_parallel:
@@ -161,6 +171,19 @@ def megatron_args(spec: ModelSpec, layout: Layout, seed: int = 0) -> argparse.Na
         ]
         if spec.moe_grouped_gemm:
             argv.append("--moe-grouped-gemm")
+    if spec.multi_latent_attention:
+        argv += [
+            "--multi-latent-attention",
+            f"--kv-lora-rank={spec.kv_lora_rank}",
+            f"--qk-head-dim={spec.qk_head_dim}",
+            f"--qk-pos-emb-head-dim={spec.qk_pos_emb_head_dim}",
+            f"--v-head-dim={spec.v_head_dim}",
+            "--rope-type=rope",
+        ]
+        if spec.q_lora_rank is not None:
+            argv.append(f"--q-lora-rank={spec.q_lora_rank}")
+    if spec.qk_layernorm:
+        argv.append("--qk-layernorm")
     return build_parser().parse_args(argv)
 
 

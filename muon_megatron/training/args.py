@@ -42,6 +42,21 @@ def _moe_layer_freq(text: str) -> int | list[int]:
     return value
 
 
+def _topk_scaling_factor(text: str) -> float | str:
+    """`--moe-router-topk-scaling-factor`: a positive float, or 'moonlight'."""
+    if text == "moonlight":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--moe-router-topk-scaling-factor {text!r}: give a number or 'moonlight'"
+        ) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--moe-router-topk-scaling-factor {text} must be > 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of `examples/pretrain_moe.py` (Megatron-LM flag names)."""
     p = argparse.ArgumentParser(
@@ -95,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default=None,
                    help="Default: transformer_engine when CUDA and TE are available, else local.")
+    g.add_argument("--qk-layernorm", action="store_true",
+                   help="Norms on queries and keys; with MLA, on the q and kv latents "
+                   "(q_layernorm, kv_layernorm), as DeepSeek-V3 and Moonlight have.")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rope-type", choices=("rope", "yarn"), default=None,
+                   help="MLA's RoPE: default megatron-core's (yarn).")
+
+    g = p.add_argument_group("multi-latent attention (MLA)")
+    g.add_argument("--multi-latent-attention", action="store_true",
+                   help="DeepSeek-V3 / Moonlight attention (megatron-core's MLASelfAttention).")
+    g.add_argument("--q-lora-rank", type=int, default=None,
+                   help="Query latent rank; default None: one linear_q_proj, no q LoRA.")
+    g.add_argument("--kv-lora-rank", type=int, default=32)
+    g.add_argument("--qk-head-dim", type=int, default=128,
+                   help="Per-head q/k dim without RoPE (HF qk_nope_head_dim).")
+    g.add_argument("--qk-pos-emb-head-dim", type=int, default=64,
+                   help="Per-head q/k RoPE dim (HF qk_rope_head_dim).")
+    g.add_argument("--v-head-dim", type=int, default=128)
 
     g = p.add_argument_group("moe")
     g.add_argument("--num-experts", type=int, default=None)
@@ -112,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-router-score-function", choices=("softmax", "sigmoid"),
                    default="softmax")
     g.add_argument("--moe-router-enable-expert-bias", action="store_true")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+    g.add_argument("--moe-router-topk-scaling-factor", type=_topk_scaling_factor, default=None,
+                   help="Scale of the normalized top-k gate (Moonlight 2.446, DeepSeek-V3 "
+                   "2.5); 'moonlight' computes Moonlight's factor for --num-experts and "
+                   "--moe-router-topk (arXiv 2502.16982, appendix C).")
+    g.add_argument("--moe-shared-expert-gate", action="store_true",
+                   help="A sigmoid gate on the shared experts' output (its [1, hidden] "
+                   "weight stays on AdamW).")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=2)
@@ -192,6 +233,8 @@ def layout_errors(args: argparse.Namespace, world_size: int) -> list[str]:
     if args.group_query_attention:
         need(args.num_query_groups % tp == 0,
              f"--num-query-groups {args.num_query_groups} is not divisible by tp={tp}")
+    if args.multi_latent_attention:
+        errors.extend(_mla_errors(args, tp))
     need(not args.sequence_parallel or tp > 1, "--sequence-parallel needs tp > 1")
     need(not args.sequence_parallel or args.seq_length % tp == 0,
          f"--seq-length {args.seq_length} is not divisible by tp={tp} (sequence parallel)")
@@ -214,9 +257,36 @@ def layout_errors(args: argparse.Namespace, world_size: int) -> list[str]:
              f"--moe-router-topk {args.moe_router_topk} > --num-experts {args.num_experts}")
         need(not args.moe_shared_expert_intermediate_size or args.disable_bias_linear,
              "megatron's shared experts take no bias: add --disable-bias-linear")
+        need(args.moe_router_topk_scaling_factor is None or args.moe_router_topk > 1,
+             "--moe-router-topk-scaling-factor scales the normalized top-k gate: it needs "
+             "--moe-router-topk > 1")
+        need(not args.moe_shared_expert_gate or bool(args.moe_shared_expert_intermediate_size),
+             "--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
         need(len(moe_layer_pattern(args)) == args.num_layers,
              f"--moe-layer-freq pattern has {len(moe_layer_pattern(args))} entries for "
              f"{args.num_layers} layers")
+    return errors
+
+
+def _mla_errors(args: argparse.Namespace, tp: int) -> list[str]:
+    """MLA's shapes under TP: every projection is column-parallel in the local layers, so
+    each output dim must split evenly (megatron-core does not check it)."""
+    errors = []
+    latent = args.kv_lora_rank + args.qk_pos_emb_head_dim
+    if latent % tp:
+        errors.append(f"--kv-lora-rank + --qk-pos-emb-head-dim = {latent} is not divisible "
+                      f"by tp={tp} (linear_kv_down_proj is column-parallel)")
+    if args.q_lora_rank is not None and args.q_lora_rank % tp:
+        errors.append(f"--q-lora-rank {args.q_lora_rank} is not divisible by tp={tp}")
+    for flag in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+        if getattr(args, flag) < 1:
+            errors.append(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
+    if args.position_embedding_type != "rope":
+        errors.append("--multi-latent-attention applies its own RoPE: drop "
+                      "--position-embedding-type learned_absolute")
+    if args.group_query_attention:
+        errors.append("--multi-latent-attention has one key head per query head: drop "
+                      "--group-query-attention")
     return errors
 
 

@@ -3,7 +3,8 @@
 What Megatron-LM's `pretrain_gpt.py` + `training.py` do for a GPT/MoE, reduced to the parts
 a run needs, from Megatron-LM-style arguments (an `argparse.Namespace` with Megatron-LM's
 flag names, as `training.args.build_parser` makes): process groups, `GPTModel` with the local
-or Transformer Engine layer specs (MoE per `--moe-layer-freq`), megatron DDP with ZeRO-1
+or Transformer Engine layer specs (MoE per `--moe-layer-freq`; multi-latent attention,
+`MLATransformerConfig`, with `--multi-latent-attention`), megatron DDP with ZeRO-1
 buffers and the schedule hooks `training.py` sets. `training.step` builds the optimizer and
 scheduler on it and runs megatron's forward-backward schedules.
 
@@ -15,6 +16,7 @@ tests check is what a training run runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import Any
 
 import torch
@@ -27,10 +29,12 @@ from megatron.core.distributed import (
 )
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from muon_megatron.training.args import model_dims
+from muon_megatron.training.mla import te_stand_ins_off, use_local_mla_attention
+from muon_megatron.training.moonlight import gate_scaling_factor
 
 __all__ = [
     "PARAMS_DTYPES",
@@ -91,9 +95,9 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
     plain paths compute the same and run everywhere)."""
     dims = model_dims(args)
     dtype = PARAMS_DTYPES[args.bf16]
-    moe: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     if args.num_experts is not None:
-        moe = dict(
+        extra = dict(
             num_moe_experts=args.num_experts,
             moe_router_topk=args.moe_router_topk,
             moe_ffn_hidden_size=dims["moe_ffn_hidden_size"],
@@ -107,7 +111,29 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
             moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
             moe_expert_capacity_factor=None,
         )
-    return TransformerConfig(
+        # Only where set: the defaults stay megatron-core's own.
+        if args.moe_router_enable_expert_bias:
+            extra["moe_router_bias_update_rate"] = args.moe_router_bias_update_rate
+        if args.moe_router_topk_scaling_factor is not None:
+            extra["moe_router_topk_scaling_factor"] = _topk_scaling_factor(args)
+        if args.moe_shared_expert_gate:
+            extra["moe_shared_expert_gate"] = True
+    config_class: type[TransformerConfig] = TransformerConfig
+    if args.qk_layernorm:
+        extra["qk_layernorm"] = True
+    if args.multi_latent_attention:
+        config_class = MLATransformerConfig
+        extra.update(
+            q_lora_rank=args.q_lora_rank,
+            kv_lora_rank=args.kv_lora_rank,
+            qk_head_dim=args.qk_head_dim,
+            qk_pos_emb_head_dim=args.qk_pos_emb_head_dim,
+            v_head_dim=args.v_head_dim,
+            rotary_base=args.rotary_base,
+        )
+        if args.rope_type is not None:
+            extra["rope_type"] = args.rope_type
+    return config_class(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,
@@ -139,8 +165,15 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
-        **moe,
+        **extra,
     )
+
+
+def _topk_scaling_factor(args: argparse.Namespace) -> float:
+    factor = args.moe_router_topk_scaling_factor
+    if factor == "moonlight":
+        return gate_scaling_factor(args.num_experts, args.moe_router_topk)
+    return float(factor)
 
 
 def _require_local_grouped_mlp() -> None:
@@ -174,16 +207,21 @@ def build_model(
     block_spec = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization=args.normalization
     )
-    model: torch.nn.Module = GPTModel(
-        config=config,
-        transformer_layer_spec=block_spec,
-        vocab_size=args.vocab_size,
-        max_sequence_length=args.max_position_embeddings or args.seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-    )
+    if args.multi_latent_attention and not use_te:
+        use_local_mla_attention(block_spec)
+    building = te_stand_ins_off() if args.multi_latent_attention else contextlib.nullcontext()
+    with building:
+        model: torch.nn.Module = GPTModel(
+            config=config,
+            transformer_layer_spec=block_spec,
+            vocab_size=args.vocab_size,
+            max_sequence_length=args.max_position_embeddings or args.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            position_embedding_type=args.position_embedding_type,
+            rotary_base=args.rotary_base,
+        )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if args.bf16:

@@ -1,8 +1,8 @@
 """Total and active parameter counts of the training entry's model, from its flags alone.
 
-The count follows megatron-core's `GPTModel` layer by layer (GQA attention, dense or SwiGLU
-MLP, MoE with router, routed and shared experts, norms with or without bias, tied or untied
-output layer); `tests/unit_tests/test_model_size.py` checks it against a built model.
+The count follows megatron-core's `GPTModel` layer by layer (GQA or multi-latent attention,
+q/k norms, dense or SwiGLU MLP, MoE with router, routed and shared experts and the shared
+experts' gate, norms with or without bias, tied or untied output layer); `tests/unit_tests/test_model_size.py` checks it against a built model.
 "Active" counts `--moe-router-topk` routed experts per token instead of all of them.
 `examples/count_params.py` prints both for a launch script's flags.
 """
@@ -45,9 +45,14 @@ def count_parameters(args: argparse.Namespace) -> ParamCount:
         w2, b2 = linear(ffn, h)
         return w1 + w2, b1 + b2
 
-    qkv_w, qkv_b = linear(h, q + 2 * kv)
-    proj_w, proj_b = linear(q, h)
-    attention_muon, attention_rest = qkv_w + proj_w, qkv_b + proj_b + 2 * norm
+    if args.multi_latent_attention:
+        attention_muon, attention_rest = _mla_attention(args)
+    else:
+        qkv_w, qkv_b = linear(h, q + 2 * kv)
+        proj_w, proj_b = linear(q, h)
+        attention_muon, attention_rest = qkv_w + proj_w, qkv_b + proj_b + 2 * norm
+        if args.qk_layernorm:
+            attention_rest += 2 * _norm_size(args, d["kv_channels"])
 
     embedding = args.vocab_size * h
     if args.untie_embeddings_and_output_weights:
@@ -72,6 +77,8 @@ def count_parameters(args: argparse.Namespace) -> ParamCount:
         if args.moe_shared_expert_intermediate_size:
             m, r = mlp(args.moe_shared_expert_intermediate_size)
             total_muon, active_muon, rest = total_muon + m, active_muon + m, rest + r
+            if args.moe_shared_expert_gate:
+                rest += h  # gate_weight [1, hidden], on AdamW
     # Active AdamW params: routed-expert biases of unused experts are inactive too.
     inactive_rest = 0
     if args.num_experts is not None and bias:
@@ -83,3 +90,28 @@ def count_parameters(args: argparse.Namespace) -> ParamCount:
         embedding=embedding,
         muon=total_muon,
     )
+
+
+def _norm_size(args: argparse.Namespace, width: int) -> int:
+    return width * (2 if args.normalization == "LayerNorm" else 1)
+
+
+def _mla_attention(args: argparse.Namespace) -> tuple[int, int]:
+    """(Muon matrices, AdamW rest) of one MLA layer (megatron-core's MLASelfAttention: its
+    q/kv projections take no bias; linear_proj does unless --disable-bias-linear), plus the
+    layer's input and pre-MLP norms."""
+    h, heads = args.hidden_size, args.num_attention_heads
+    q_head = args.qk_head_dim + args.qk_pos_emb_head_dim
+    if args.q_lora_rank is None:
+        q_muon = h * heads * q_head  # linear_q_proj
+        q_norm = 0
+    else:
+        q_muon = h * args.q_lora_rank + args.q_lora_rank * heads * q_head  # q down, q up
+        q_norm = _norm_size(args, args.q_lora_rank) if args.qk_layernorm else 0
+    kv_muon = h * (args.kv_lora_rank + args.qk_pos_emb_head_dim)  # linear_kv_down_proj
+    kv_muon += args.kv_lora_rank * heads * (args.qk_head_dim + args.v_head_dim)  # kv up
+    kv_norm = _norm_size(args, args.kv_lora_rank) if args.qk_layernorm else 0
+    proj_muon = heads * args.v_head_dim * h
+    proj_bias = 0 if args.disable_bias_linear else h
+    layer_norms = 2 * _norm_size(args, h)
+    return q_muon + kv_muon + proj_muon, q_norm + kv_norm + proj_bias + layer_norms
