@@ -11,7 +11,15 @@ import torch
 
 from muon_megatron.config import ScaleMode
 
-__all__ = ["update_scale", "momentum_update_", "nesterov_input", "apply_update_"]
+__all__ = [
+    "update_scale",
+    "momentum_update_",
+    "nesterov_input",
+    "apply_update_",
+    "momentum_update_foreach_",
+    "nesterov_inputs_foreach",
+    "apply_updates_foreach_",
+]
 
 
 def update_scale(
@@ -74,3 +82,36 @@ def apply_update_(
     """Decoupled weight decay then the step: p <- p (1 - lr wd) - lr scale update."""
     param.mul_(1.0 - lr * weight_decay)
     return param.add_(update.to(param.dtype), alpha=-lr * scale)
+
+
+# The same three steps over many tensors in one kernel launch each (torch._foreach_*): the
+# arithmetic per element is that of the single-tensor functions above, bit for bit.
+
+
+def momentum_update_foreach_(
+    bufs: list[torch.Tensor], grads: list[torch.Tensor], momentum: float
+) -> list[torch.Tensor]:
+    """`momentum_update_` on every (buf, grad) pair."""
+    if bufs:
+        torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
+    return bufs
+
+
+def nesterov_inputs_foreach(
+    grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float, nesterov: bool
+) -> list[torch.Tensor]:
+    """`nesterov_input` of every pair (new tensors with Nesterov, else the buffers)."""
+    if not nesterov or not bufs:
+        return list(bufs)
+    return list(torch._foreach_lerp(grads, bufs, momentum))
+
+
+def apply_updates_foreach_(
+    params: list[torch.Tensor], updates: list[torch.Tensor], lr: float, weight_decay: float
+) -> None:
+    """`apply_update_` (scale 1) on every (param, update) pair of one param group."""
+    if not params:
+        return
+    if weight_decay:  # multiplying by exactly 1.0 changes no float: skip the kernel
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_add_(params, updates, alpha=-lr)

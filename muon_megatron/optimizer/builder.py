@@ -22,7 +22,13 @@ from muon_megatron.optimizer.distributed import MuonDistributedOptimizer
 from muon_megatron.optimizer.nonfinite import check_once_per_step
 from muon_megatron.routing.rules import is_muon_param
 
-__all__ = ["get_muon_optimizer", "muon_optimizers", "muon_metrics", "check_supported"]
+__all__ = [
+    "get_muon_optimizer",
+    "muon_optimizers",
+    "muon_metrics",
+    "check_supported",
+    "pipeline_chain",
+]
 
 
 def check_supported(config) -> None:
@@ -44,6 +50,13 @@ def check_supported(config) -> None:
         )
     if config.optimizer_cpu_offload:
         raise ValueError("optimizer_cpu_offload=True is not supported with Muon; turn it off.")
+    if not getattr(config, "decoupled_weight_decay", True):
+        raise ValueError(
+            "decoupled_weight_decay=False asks for L2-regularized Adam, but Muon's weight "
+            "decay is decoupled (p <- p (1 - lr wd) - lr U, as Moonlight trains) and the two "
+            "would decay Muon and AdamW params differently; set decoupled_weight_decay=True "
+            "(drop --no-decoupled-weight-decay)."
+        )
     if config.use_precision_aware_optimizer:
         raise ValueError(
             "use_precision_aware_optimizer=True keeps main params inside TE's FusedAdam, where "
@@ -103,7 +116,10 @@ def get_muon_optimizer(
         )
     adam_config = dataclasses.replace(config, optimizer="adam")
     factory = functools.partial(
-        MuonDistributedOptimizer, muon_config=muon_config or MuonConfig(), is_muon=is_muon
+        MuonDistributedOptimizer,
+        muon_config=muon_config or MuonConfig(),
+        is_muon=is_muon,
+        pg_collection=pg_collection,
     )
     with _muon_as_distributed_optimizer(factory):
         optimizer = get_megatron_optimizer(
@@ -115,7 +131,20 @@ def get_muon_optimizer(
             **megatron_kw,
         )
     check_once_per_step(optimizer)
+    pipeline_chain(optimizer)
     return optimizer
+
+
+def pipeline_chain(optimizer) -> None:
+    """Let the chain's first Muon member run every member's Muon phases in one pipeline
+    (dense and expert buckets interleaved, `optimizer.pipeline`); the others then skip
+    theirs. Every rank builds the same chain, so every rank interleaves the same way."""
+    members = [m for m in muon_optimizers(optimizer) if m._buckets]
+    if len(members) < 2:
+        return
+    members[0]._pipeline_members = members
+    for member in members[1:]:
+        member._pipeline_members = None
 
 
 def muon_optimizers(optimizer) -> list[MuonDistributedOptimizer]:

@@ -1,38 +1,47 @@
 """`MuonDistributedOptimizer`: Muon inside megatron-core's ZeRO-1 DistributedOptimizer.
 
 Communication schedule of one step (after Megatron's reduce-scatter, unscale, grad-norm
-and clipping, i.e. at the start of `step_with_ready_grads`):
+and clipping, i.e. at the start of `step_with_ready_grads`), per bucket of matrices:
 
   phase 1, local momentum:   every rank updates the fp32 momentum of its own ZeRO-1
-                             shard of each Muon matrix and forms the Newton-Schulz input
-                             shard (Nesterov or plain momentum). No communication.
-  phase 2, gather to owner:  one all-to-all over the DP x TP grid per bucket of matrices
-                             sends every shard of a matrix to its single owner.
+                             shard of each Muon matrix of the bucket and forms the
+                             Newton-Schulz input shard (Nesterov or plain momentum),
+                             foreach over the bucket. No communication.
+  phase 2, gather to owner:  one asynchronous all-to-all over the DP x TP grid sends every
+                             shard of a matrix to its single owner (`bucket.Bucket` lays
+                             it out; the owner's own shard stays off the wire, in fp32).
   phase 3, orthogonalize:    the owner reassembles the TP-local tensors from their DP
                              shards, the logical matrices from the TP pieces (experts,
                              Q/K/V, gate/up split apart), runs Newton-Schulz once per
                              logical matrix (batched by shape) and scales it.
-  phase 4, scatter back:     one all-to-all returns each rank its slice of the update;
-                             each rank applies p <- p (1 - lr wd) - lr u to its main shard.
+  phase 4, scatter back:     one asynchronous all-to-all returns each rank its slice of
+                             the update; each rank applies p <- p (1 - lr wd) - lr u to its
+                             main shards, foreach per param group.
   then Megatron as usual:    the inner AdamW steps the non-Muon shards (Muon shards have
                              their grad cleared, so AdamW skips them), main params are
                              copied to the model and all-gathered over DP.
 
+`pipeline.run_pipeline` overlaps the buckets: bucket k+1's gather is in flight while bucket
+k's Newton-Schulz runs, and bucket k's scatter while bucket k+1's runs; a chain's dense and
+expert buckets are interleaved. Nothing in the step copies a value to the host or waits
+for the device (`step_metrics`: the figures stay on the device until the log reads them).
+
 Each matrix is orthogonalized exactly once in the whole grid; owners are balanced by
 Newton-Schulz cost (`ownership.assign_owners`) and, within 5% of the mean load, chosen where
-most of the matrix already lies, so that part is neither gathered nor scattered. Momentum is stored per shard in the inner
-optimizer's state as `exp_avg`: it is the same EMA as Adam's first moment.
+most of the matrix already lies, so that part is neither gathered nor scattered. Momentum
+is stored per shard in the inner optimizer's state as `exp_avg`: it is the same EMA as
+Adam's first moment.
 
 Numerical contract: with `muon_ns_dtype='fp32'` and `muon_comm_dtype='fp32'` the update
 equals the single-device reference (`muon_megatron.reference.Muon`) up to fp32 round-off
 (different reduction orders of the DP/TP gradient reduction and batched vs single matmuls),
 tested at relative 1e-5. bf16 Newton-Schulz or bf16 communication round to bf16 (~3
-significant digits) and are tested at a bf16 tolerance.
+significant digits) and are tested at a bf16 tolerance. Pipelining changes no arithmetic;
+the bucket size changes only which same-shape matrices share one batched Newton-Schulz.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 
@@ -42,12 +51,18 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from muon_megatron.config import MuonConfig
 from muon_megatron.ops.newton_schulz import DTYPES, newton_schulz
-from muon_megatron.ops.update import apply_update_, momentum_update_, nesterov_input, update_scale
+from muon_megatron.ops.update import (
+    apply_updates_foreach_,
+    momentum_update_foreach_,
+    nesterov_inputs_foreach,
+)
+from muon_megatron.optimizer.bucket import Bucket
 from muon_megatron.optimizer.checkpoint_state import MuonCheckpointMixin
-from muon_megatron.optimizer.grid import Grid, all_to_all, build_grid
-from muon_megatron.optimizer.hang_watch import watched
+from muon_megatron.optimizer.grid import Grid, InFlight, build_grid, start_all_to_all
 from muon_megatron.optimizer.nonfinite import NonFiniteGradSkipMixin
+from muon_megatron.optimizer.pipeline import run_pipeline
 from muon_megatron.optimizer.plan import MuonMatrix, make_buckets, plan_matrices
+from muon_megatron.optimizer.step_metrics import StepMetrics
 from muon_megatron.routing.rules import is_muon_param
 from muon_megatron.routing.splits import (
     combine_tp_pieces,
@@ -76,6 +91,7 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         *args,
         muon_config: MuonConfig,
         is_muon: Callable[[str, torch.Tensor], bool] = is_muon_param,
+        pg_collection=None,
         **kwargs,
     ) -> None:
         optimizer = args[0] if args else kwargs["optimizer"]
@@ -93,9 +109,12 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         self.ns_calls = 0
         # (param name, logical matrix index within it) -> Newton-Schulz runs on this rank.
         self.ns_counts: Counter[tuple[str, int]] = Counter()
-        self.muon_metrics: dict[str, float] = {}
-        self.muon_param_update_rms: dict[str, float] = {}
-        if is_expert:
+        # A list to record the pipeline's collective and Newton-Schulz events (tests).
+        self.trace: list | None = None
+        self.transient_peak_bytes = 0
+        if pg_collection is not None and hasattr(pg_collection, "tp"):
+            tp_group = pg_collection.expt_tp if is_expert else pg_collection.tp
+        elif is_expert:
             tp_group = parallel_state.get_expert_tensor_parallel_group()
         else:
             tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -103,11 +122,27 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         dp_group = getattr(self, "data_parallel_group", None) or kwargs["data_parallel_group"]
         self.grid: Grid = build_grid(tp_group, dp_group)
         self._matrices: list[MuonMatrix] = []
-        self._buckets: list[list[MuonMatrix]] = []
+        self._buckets: list[Bucket] = []
+        # The optimizers whose Muon phases this one runs, pipelined together, in its
+        # step (itself; or the whole chain for its first member, None for the others:
+        # `builder.pipeline_chain`).
+        self._pipeline_members: list[MuonDistributedOptimizer] | None = [self]
+        self.metrics = StepMetrics([], [], [], torch.device("cpu"), None)
         if self.is_stub_optimizer:
             return
         self._matrices = plan_matrices(self, group_of, is_muon)
-        self._buckets = make_buckets(self._matrices, self.muon_config.muon_bucket_mb)
+        device = self._device()
+        self._buckets = [
+            Bucket(b, self.grid, muon_config, device)
+            for b in make_buckets(self._matrices, muon_config.muon_bucket_mb)
+        ]
+        self.metrics = StepMetrics(
+            names=[m.name for m in self._matrices],
+            numels=[sum(r * c for r, c in m.split.logical_shapes()) for m in self._matrices],
+            groups=[m.group_index for m in self._matrices],
+            device=device,
+            group=self.grid.group,
+        )
 
     def _main_shard(self, m: MuonMatrix) -> torch.Tensor | None:
         if m.param not in self.model_param_group_index_map:
@@ -118,112 +153,91 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
     # ---------------------------------------------------------------- step
     @torch.no_grad()
     def step_with_ready_grads(self) -> bool:
-        if not self.is_stub_optimizer and self._matrices:
-            self._muon_step()
+        if self.skip_nonfinite_step():
+            return False
+        if not self.is_stub_optimizer and self._pipeline_members is not None:
+            run_pipeline(self._pipeline_members)
         return super().step_with_ready_grads()
 
-    def _muon_step(self) -> None:
-        self.muon_param_update_rms = {}
-        self._ns_seconds = 0.0
-        ns_inputs = self._phase1_local_momentum()
-        sumsq = defaultdict(float)
-        for bucket in self._buckets:
-            owned = self._phase2_gather(bucket, ns_inputs)
-            updates = self._phase3_orthogonalize(owned, sumsq)
-            shards = self._phase4_scatter(bucket, updates)
-            self._apply(bucket, shards)
-        self._record_metrics(sumsq)
+    # The four phases of one bucket; `optimizer.pipeline.run_pipeline` interleaves them.
+    def _begin_step(self) -> None:
+        self.metrics.begin_step()
 
-    def _phase1_local_momentum(self) -> dict[int, torch.Tensor]:
+    def _end_step(self) -> None:
+        self.metrics.end_step()
+
+    def _phase1_local_momentum(self, bucket: Bucket) -> dict[int, torch.Tensor]:
+        """Momentum and the Newton-Schulz input of this rank's shards of `bucket` (fp32,
+        foreach over the bucket); clears their grads so the inner AdamW skips them."""
         cfg = self.muon_config
-        inputs = {}
-        for m in self._matrices:
+        held = []
+        for m in bucket.matrices:
             shard = self._main_shard(m)
-            if shard is None:
-                continue
-            grad = shard.grad if shard.grad is not None else torch.zeros_like(shard)
+            if shard is not None:
+                held.append((m.index, shard))
+        if not held:
+            return {}
+        grads, bufs = [], []
+        for _, shard in held:
+            grads.append(shard.grad.float() if shard.grad is not None else torch.zeros_like(shard))
             state = self.optimizer.state[shard]
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(shard, dtype=torch.float32)
-            buf = momentum_update_(state["exp_avg"], grad.float(), cfg.muon_momentum)
-            inputs[m.index] = nesterov_input(grad.float(), buf, cfg.muon_momentum, cfg.muon_nesterov)
+            bufs.append(state["exp_avg"])
             shard.grad = None  # the inner AdamW skips parameters without a gradient
-        return inputs
+        momentum_update_foreach_(bufs, grads, cfg.muon_momentum)
+        inputs = nesterov_inputs_foreach(grads, bufs, cfg.muon_momentum, cfg.muon_nesterov)
+        return {index: x for (index, _), x in zip(held, inputs)}
 
-    def _phase2_gather(
-        self, bucket: list[MuonMatrix], ns_inputs: dict[int, torch.Tensor]
-    ) -> dict[int, list[torch.Tensor]]:
-        """Every shard to its owner. Returns, for matrices this rank owns, the TP-local
-        flat tensors (one per TP rank that sends)."""
-        grid = self.grid
-        my_tp, _ = grid.coords[grid.rank]
-        out = [[] for _ in range(grid.size)]
-        for m in bucket:
-            if m.index in ns_inputs and m.sends_from(my_tp):
-                out[m.owner].append(ns_inputs[m.index])
-        mine = [m for m in bucket if m.owner == grid.rank]
-        sizes = [
-            sum(m.shard_numel(d) for m in mine if m.sends_from(t)) for t, d in grid.coords
-        ]
-        device = self._device()
-        chunks = [torch.cat(c) if c else torch.empty(0, device=device) for c in out]
-        received = all_to_all(chunks, sizes, grid, DTYPES[self.muon_config.muon_comm_dtype])
-        flats = {
-            m.index: [
-                torch.zeros(m.param.numel(), dtype=torch.float32, device=device)
-                for _ in range(m.split.tp_size)
-            ]
-            for m in mine
-        }
-        for member, (t, d) in enumerate(grid.coords):
-            offset = 0
-            for m in mine:
-                if not m.sends_from(t):
-                    continue
-                start, end = m.dp_ranges[d]
-                flats[m.index][t][start:end] = received[member][offset : offset + end - start]
-                offset += end - start
-        return {m.index: flats[m.index] for m in mine}
+    def _phase2_start_gather(self, bucket: Bucket, ns_inputs: dict[int, torch.Tensor]) -> InFlight:
+        """Issue the all-to-all that sends every shard to its owner (asynchronous). This
+        rank's own shards of the matrices it owns stay out of the wire, in fp32."""
+        wire = DTYPES[self.muon_config.muon_comm_dtype]
+        parts, keep = bucket.gather_sends(ns_inputs)
+        return start_all_to_all(
+            parts, bucket.gather_recv_sizes(), self.grid, wire, self._device(), keep=keep
+        )
 
-    def _phase3_orthogonalize(
-        self, owned: dict[int, list[torch.Tensor]], sumsq: dict[int, float]
-    ) -> dict[int, list[torch.Tensor]]:
-        """Newton-Schulz once per logical matrix; returns each owned matrix's update as
-        one flat TP-local tensor per TP rank."""
-        cfg = self.muon_config
-        jobs: list[tuple[int, torch.Tensor]] = []  # (matrix index, logical matrix)
+    def _phase2_finish_gather(self, bucket: Bucket, flight: InFlight) -> dict[int, list[torch.Tensor]]:
+        """Wait for the gather; reassemble each owned matrix's TP-local flat tensors."""
+        received = flight.wait("Muon gather all_to_all")
+        return bucket.assemble_owned(received, flight.keep, self._device())
+
+    def _phase3_orthogonalize(self, bucket: Bucket, owned: dict[int, list[torch.Tensor]]) -> dict[int, list[torch.Tensor]]:
+        """Newton-Schulz once per logical matrix; returns each owned matrix's scaled update
+        as one flat TP-local tensor per TP rank."""
+        jobs: list[torch.Tensor] = []
         for index, flats in owned.items():
             m = self._matrices[index]
             pieces = [extract_pieces(f.view(m.local_shape), m.split) for f in flats]
             logical = combine_tp_pieces(pieces, m.split)
             self.ns_counts.update((m.name, j) for j in range(len(logical)))
-            jobs.extend((index, x) for x in logical)
-        results = self._newton_schulz_batched([x for _, x in jobs])
-        per_matrix: dict[int, list[torch.Tensor]] = defaultdict(list)
-        for (index, _), u in zip(jobs, results):
-            r, c = u.shape
-            scaled = u.float() * update_scale(
-                cfg.muon_scale_mode, r, c, cfg.muon_matched_adamw_rms, cfg.muon_extra_scale_factor
-            )
-            per_matrix[index].append(scaled)
-        updates = {}
-        for index, matrices in per_matrix.items():
+            jobs.extend(logical)
+        if not jobs:
+            return {}
+        self.metrics.timer.begin()
+        results = self._newton_schulz_batched(jobs)
+        self.metrics.timer.end()
+        torch._foreach_mul_(results, bucket.owned_scales)
+        self.metrics.add(
+            bucket.owned_job_index, torch.stack(torch._foreach_norm(results)).square()
+        )
+        updates, offset = {}, 0
+        for index in owned:
             m = self._matrices[index]
-            sq = sum(float(x.square().sum()) for x in matrices)
-            n = sum(x.numel() for x in matrices)
-            self.muon_param_update_rms[m.name] = (sq / n) ** 0.5
-            sumsq[2 * m.group_index] += sq
-            sumsq[2 * m.group_index + 1] += n
-            rank_pieces = split_tp_matrix(matrices, m.split)
+            count = len(m.split.logical_shapes())
+            matrices, offset = results[offset : offset + count], offset + count
             updates[index] = [
-                insert_pieces(torch.empty(m.local_shape, device=x[0].device), m.split, x).view(-1)
-                for x in rank_pieces
+                insert_pieces(
+                    torch.empty(m.local_shape, device=x[0].device), m.split, x
+                ).view(-1)
+                for x in split_tp_matrix(matrices, m.split)
             ]
         return updates
 
     def _newton_schulz_batched(self, matrices: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Newton-Schulz of every matrix, batched by shape; fp32 results, input order."""
         cfg = self.muon_config
-        start = time.perf_counter()
         by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, x in enumerate(matrices):
             by_shape[tuple(x.shape)].append(i)
@@ -236,67 +250,55 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
                 coefficients=cfg.muon_coefficients,
                 dtype=cfg.muon_ns_dtype,
                 eps=cfg.muon_eps,
-            )
+            ).float()
             ortho = ortho if len(indices) > 1 else ortho.unsqueeze(0)
             for i, u in zip(indices, ortho.unbind(0)):
                 out[i] = u
-        if matrices and matrices[0].is_cuda:
-            torch.cuda.synchronize()
-        self._ns_seconds += time.perf_counter() - start
         self.ns_calls += len(matrices)
         return out  # type: ignore[return-value]
 
-    def _phase4_scatter(
-        self, bucket: list[MuonMatrix], updates: dict[int, list[torch.Tensor]]
-    ) -> dict[int, torch.Tensor]:
-        """Each rank's slice of the update back from the owner."""
-        grid = self.grid
-        my_tp, my_dp = grid.coords[grid.rank]
-        out = []
-        for t, d in grid.coords:
-            parts = []
-            for m in bucket:
-                if m.owner == grid.rank and m.shard_numel(d) > 0:
-                    flat = updates[m.index][t if m.split.tp_mode != "replicated" else 0]
-                    start, end = m.dp_ranges[d]
-                    parts.append(flat[start:end])
-            out.append(torch.cat(parts) if parts else torch.empty(0, device=self._device()))
-        sizes = [0] * grid.size
-        for m in bucket:
-            sizes[m.owner] += m.shard_numel(my_dp)
-        received = all_to_all(out, sizes, grid, DTYPES[self.muon_config.muon_comm_dtype])
-        shards, offsets = {}, [0] * grid.size
-        for m in bucket:
-            n = m.shard_numel(my_dp)
-            if n:
-                shards[m.index] = received[m.owner][offsets[m.owner] : offsets[m.owner] + n]
-                offsets[m.owner] += n
-        return shards
+    def _phase4_start_scatter(self, bucket: Bucket, updates: dict[int, list[torch.Tensor]]) -> InFlight:
+        """Issue the all-to-all returning each rank its slice of the update (asynchronous);
+        the owner's own slices stay out of the wire, in fp32."""
+        wire = DTYPES[self.muon_config.muon_comm_dtype]
+        parts, keep = bucket.scatter_sends(updates)
+        return start_all_to_all(
+            parts, bucket.scatter_recv_sizes(), self.grid, wire, self._device(), keep=keep
+        )
 
-    def _apply(self, bucket: list[MuonMatrix], shards: dict[int, torch.Tensor]) -> None:
-        for m in bucket:
-            if m.index not in shards:
-                continue
-            shard = self._main_shard(m)
-            group = self.optimizer.param_groups[self.model_param_group_index_map[m.param][0]]
-            apply_update_(shard, shards[m.index].float(), group["lr"], group["weight_decay"], 1.0)
+    def _phase4_finish_scatter(self, bucket: Bucket, flight: InFlight) -> None:
+        """Wait for the scatter; p <- p (1 - lr wd) - lr u on every main shard, foreach per
+        param group."""
+        received = flight.wait("Muon scatter all_to_all", dtype=torch.float32)
+        shards = bucket.received_updates(received, flight.keep)
+        by_group: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
+        for index, update in shards.items():
+            m = self._matrices[index]
+            gi = self.model_param_group_index_map[m.param][0]
+            params, updates = by_group[gi]
+            params.append(self._main_shard(m))
+            updates.append(update)
+        for gi, (params, updates) in by_group.items():
+            group = self.optimizer.param_groups[gi]
+            apply_updates_foreach_(params, updates, group["lr"], group["weight_decay"])
 
-    def _record_metrics(self, sumsq: dict[int, float]) -> None:
-        groups = len(self.optimizer.param_groups)
-        stats = torch.zeros(2 * groups + 1, dtype=torch.float64)
-        for k, v in sumsq.items():
-            stats[k] = v
-        stats[-1] = self._ns_seconds
-        if self.grid.group is not None:
-            stats = stats.to(self._device())
-            with watched("Muon metrics all_reduce", self.grid.group):
-                torch.distributed.all_reduce(stats, group=self.grid.group)
-            stats = stats.cpu()
-        metrics = {"muon/ns_seconds_local": self._ns_seconds, "muon/ns_seconds_grid": float(stats[-1])}
-        for g in range(groups):
-            if stats[2 * g + 1] > 0:
-                metrics[f"muon/update_rms/group{g}"] = float((stats[2 * g] / stats[2 * g + 1]).sqrt())
-        self.muon_metrics = metrics
+    # ---------------------------------------------------------------- metrics
+    @property
+    def muon_metrics(self) -> dict[str, float]:
+        """The last step's figures (reads the device: call at log time)."""
+        read = self.metrics.read() if self._matrices else {}
+        if not read:
+            return {}
+        out = {"muon/ns_seconds_local": read["ns_seconds"]}
+        for g, rms in sorted(read["group_rms"].items()):
+            out[f"muon/update_rms/group{g}"] = rms
+        return out
+
+    @property
+    def muon_param_update_rms(self) -> dict[str, float]:
+        """Update RMS of every Muon matrix at the last step (reads the device)."""
+        read = self.metrics.read() if self._matrices else {}
+        return dict(read.get("update_rms", {}))
 
     def _device(self) -> torch.device:
         return self._matrices[0].param.device if self._matrices else torch.device("cpu")

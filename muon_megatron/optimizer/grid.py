@@ -1,4 +1,5 @@
-"""The DP x TP grid a Muon matrix is spread over, and the one collective we use on it.
+"""The DP x TP grid a Muon matrix is spread over, and the one collective we use on it
+(an asynchronous all-to-all).
 
 A dense weight is sharded over the tensor-parallel group (by Megatron's layers) and over
 the data-parallel group (by the ZeRO-1 grad buffer); an expert weight over the expert-TP
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 from muon_megatron.optimizer.hang_watch import watched
 
-__all__ = ["Grid", "build_grid", "all_to_all"]
+__all__ = ["Grid", "build_grid", "InFlight", "start_all_to_all"]
 
 
 @dataclass(frozen=True)
@@ -77,23 +78,55 @@ def build_grid(tp_group: dist.ProcessGroup, dp_group: dist.ProcessGroup) -> Grid
     return Grid(group, mine.index(me), coords, tp_size, dp_size)
 
 
-def all_to_all(
-    chunks_out: list[torch.Tensor], sizes_in: list[int], grid: Grid, dtype: torch.dtype
-) -> list[torch.Tensor]:
-    """Send `chunks_out[m]` (1-D) to grid member m; receive `sizes_in[m]` elements from
-    each member m. One `all_to_all_single` for everything, in `dtype` on the wire."""
-    if grid.group is None:
-        return [chunks_out[0].to(dtype)]
-    device = chunks_out[0].device
-    send = torch.cat([c.to(dtype) for c in chunks_out]) if chunks_out else None
-    send = send if send is not None else torch.empty(0, dtype=dtype, device=device)
+class InFlight:
+    """An issued all-to-all: `wait()` returns what each member sent, as views of one
+    receive buffer. `keep` rides along: the caller's pieces that did not go on the wire."""
+
+    def __init__(self, work, send, recv, sizes_in, group, keep) -> None:
+        self.work, self.send, self.recv = work, send, recv
+        self.sizes_in, self.group, self.keep = sizes_in, group, keep
+
+    def wait(self, name: str, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        if self.work is not None:
+            with watched(name, self.group):
+                self.work.wait()
+            self.work = None
+        self.send = None  # the send buffer can go as soon as the collective is done
+        recv = self.recv if dtype is None else self.recv.to(dtype)
+        return list(recv.split(self.sizes_in))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the buffers this collective holds now."""
+        held = [t for t in (self.send, self.recv) if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
+
+
+def start_all_to_all(
+    parts: list[list[torch.Tensor]],
+    sizes_in: list[int],
+    grid: Grid,
+    dtype: torch.dtype,
+    device: torch.device,
+    keep: dict | None = None,
+) -> InFlight:
+    """Issue (asynchronously) one `all_to_all_single` sending `parts[m]` (1-D tensors,
+    concatenated, in `dtype` on the wire) to grid member m and receiving `sizes_in[m]`
+    elements from each member m. Copies into the send buffer in one foreach launch."""
+    send_sizes = [sum(p.numel() for p in member) for member in parts]
+    flat = [p for member in parts for p in member]
+    send = torch.empty(sum(send_sizes), dtype=dtype, device=device)
+    if flat:
+        torch._foreach_copy_(list(send.split([p.numel() for p in flat])), flat)
     recv = torch.empty(sum(sizes_in), dtype=dtype, device=device)
-    with watched("Muon grid all_to_all", grid.group):
-        dist.all_to_all_single(
+    work = None
+    if grid.group is not None:  # every member joins, with or without a payload
+        work = dist.all_to_all_single(
             recv,
             send,
             output_split_sizes=list(sizes_in),
-            input_split_sizes=[c.numel() for c in chunks_out],
+            input_split_sizes=send_sizes,
             group=grid.group,
+            async_op=True,
         )
-    return list(recv.split(list(sizes_in)))
+    return InFlight(work, send, recv, list(sizes_in), grid.group, keep or {})

@@ -1,0 +1,99 @@
+"""The Muon part of one optimizer step, pipelined over buckets (and optimizers).
+
+Per bucket the four phases of `MuonDistributedOptimizer` run in order: local momentum,
+gather to the owner, Newton-Schulz, scatter back and apply. Across buckets they overlap:
+
+    issue gather(0)
+    for k = 0, 1, ...:
+        wait gather(k)
+        momentum(k+1); issue gather(k+1)     <- in flight while NS(k) runs
+        NS(k); issue scatter(k)              <- in flight while NS(k+1) runs
+        wait scatter(k-1); apply(k-1)
+
+The collectives are asynchronous (`grid.start_all_to_all`), so on a GPU bucket k+1's
+gather and bucket k's scatter run on the communication stream while bucket k+1's
+Newton-Schulz runs on the compute stream, and the host never waits for the device. At
+most two buckets' wire buffers are alive besides the one being orthogonalized, and
+momentum/Nesterov inputs exist for one bucket ahead only.
+
+The buckets of several optimizers (a ChainedOptimizer's dense and expert members, each
+with its own grid) are interleaved round-robin into one sequence, the same on every
+rank: every group then sees its collectives issued in the same order by all of its
+members, so no two ranks can wait on each other in a cycle.
+
+`trace`, when a list, records ('gather_issue' | 'gather_wait' | 'ns_begin' | 'ns_end' |
+'scatter_issue' | 'scatter_wait', k) with k the position in the interleaved sequence.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+__all__ = ["run_pipeline", "interleave"]
+
+
+def interleave(members: list[Any]) -> list[tuple[Any, Any]]:
+    """(optimizer, bucket) pairs, round-robin over `members` (bucket 0 of each, then 1...)."""
+    lanes = [[(opt, b) for b in opt._buckets] for opt in members]
+    return [item for row in itertools.zip_longest(*lanes) for item in row if item is not None]
+
+
+def run_pipeline(members: list[Any], trace: list | None = None) -> None:
+    """Run the Muon phases of every bucket of `members` (MuonDistributedOptimizers of this
+    rank, in chain order), pipelined."""
+    items = interleave(members)
+    for opt in members:
+        opt._begin_step()
+    if trace is None:
+        trace = next((opt.trace for opt in members if opt.trace is not None), None)
+
+    def note(event: str, k: int) -> None:
+        if trace is not None:
+            trace.append((event, k))
+
+    def start_gather(k: int):
+        opt, bucket = items[k]
+        flight = opt._phase2_start_gather(bucket, opt._phase1_local_momentum(bucket))
+        note("gather_issue", k)
+        return flight
+
+    gathers = {0: start_gather(0)} if items else {}
+    pending = None  # (k, flight) of the scatter in flight
+    peak = 0
+    for k, (opt, bucket) in enumerate(items):
+        owned = opt._phase2_finish_gather(bucket, gathers.pop(k))
+        note("gather_wait", k)
+        if k + 1 < len(items):
+            gathers[k + 1] = start_gather(k + 1)
+        note("ns_begin", k)
+        updates = opt._phase3_orthogonalize(bucket, owned)
+        note("ns_end", k)
+        # The most this step holds at once: the next gather and the previous scatter in
+        # flight, this bucket's inputs and updates (Newton-Schulz work space not counted).
+        flights = list(gathers.values()) + ([pending[1]] if pending else [])
+        peak = max(peak, sum(f.nbytes for f in flights) + _nbytes(owned) + _nbytes(updates))
+        del owned
+        scatter = opt._phase4_start_scatter(bucket, updates)
+        note("scatter_issue", k)
+        del updates
+        if pending is not None:
+            _finish(items, pending, note)
+        pending = (k, scatter)
+    if pending is not None:
+        _finish(items, pending, note)
+    for opt in members:
+        opt._end_step()
+    if members:
+        members[0].transient_peak_bytes = peak
+
+
+def _nbytes(tensors: dict[int, list]) -> int:
+    return sum(t.numel() * t.element_size() for ts in tensors.values() for t in ts)
+
+
+def _finish(items, pending, note) -> None:
+    k, flight = pending
+    opt, bucket = items[k]
+    opt._phase4_finish_scatter(bucket, flight)
+    note("scatter_wait", k)
