@@ -12,6 +12,11 @@ MLA always passes), the probabilities times v; only the output width differs, he
 megatron-core needs it (a release whose `DotProductAttention` takes the two arguments keeps
 its own).
 
+Known limit (megatron-core 0.16.1, the same code in 0.19.x): under TP the local MLA's
+gradient of `linear_kv_down_proj`'s k-rope rows is wrong before any optimizer runs (measured
+0.45..0.73 relative error per k-rope row at TP2 against TP1 from the same weights, 1e-5 on
+the latent rows); see docs/moonlight.md. MLA's TP layouts are therefore not parity-tested.
+
 `te_stand_ins_off()`: without Transformer Engine, megatron-core's TE extension module still
 imports, with `MagicMock` stand-ins for TE's classes, so `multi_latent_attention.HAVE_TE` is
 True and `MLASelfAttention.__init__`'s `isinstance(self.linear_proj, TELinear)` raises
@@ -27,7 +32,11 @@ from collections.abc import Iterator
 
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-__all__ = ["MLADotProductAttention", "te_stand_ins_off", "use_local_mla_attention"]
+__all__ = [
+    "MLADotProductAttention",
+    "te_stand_ins_off",
+    "use_local_mla_attention",
+]
 
 
 class MLADotProductAttention(DotProductAttention):
@@ -107,3 +116,4 @@ def te_stand_ins_off() -> Iterator[None]:
         yield
     finally:
         mla.HAVE_TE = True
+

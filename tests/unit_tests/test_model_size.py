@@ -43,3 +43,40 @@ def test_active_counts_topk_routed_experts() -> None:
     per_expert = 32 * 2 * 24 + 24 * 32
     moe_layers = 2
     assert count.total - count.active == moe_layers * (4 - 2) * per_expert
+
+
+# MLA with a q LoRA and the latent norms, a shared-expert gate: the MLA terms and the gate.
+MLA_FLAGS = [
+    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+    "--multi-latent-attention", "--kv-lora-rank", "16", "--qk-head-dim", "8",
+    "--qk-pos-emb-head-dim", "4", "--v-head-dim", "8", "--rope-type", "rope",
+    "--qk-layernorm", "--normalization", "RMSNorm", "--disable-bias-linear", "--swiglu",
+    "--num-experts", "4", "--moe-ffn-hidden-size", "16", "--moe-layer-freq", "([0]*1+[1]*1)",
+    "--moe-shared-expert-intermediate-size", "16", "--moe-shared-expert-gate",
+    "--seq-length", "16",
+]
+
+
+@pytest.mark.parametrize("q_lora", [[], ["--q-lora-rank", "12"]], ids=["q_proj", "q_lora"])
+def test_mla_count_matches_a_built_single_rank_model(q_lora: list[str]) -> None:
+    flags = MLA_FLAGS + q_lora
+    built = spawn(_built_count, 1, flags)[0]
+    assert count_parameters(build_parser().parse_args(flags)).total == built
+
+
+def test_moonlight_counts_match_the_report() -> None:
+    """Moonlight-16B-A3B (examples/moonlight_multinode.sbatch): the report's 15.29B total /
+    2.24B active without embeddings (arXiv 2502.16982, section 3.3 and table 10), 16B / 3B
+    with them, each to the report's precision (2 decimals in billions, or whole billions)."""
+    import pathlib
+    import re
+    import shlex
+
+    text = (pathlib.Path(__file__).resolve().parents[2] / "examples"
+            / "moonlight_multinode.sbatch").read_text()
+    body = re.search(r"MODEL_ARGS=\(\n(.*?)\n\)", text, re.DOTALL).group(1)
+    words = shlex.split("\n".join(line.split(" #")[0] for line in body.splitlines()))
+    count = count_parameters(build_parser().parse_args(words))
+    assert round((count.total - count.embedding) / 1e9, 2) == 15.29
+    assert round((count.active - count.embedding) / 1e9, 2) == 2.24
+    assert (round(count.total / 1e9), round(count.active / 1e9)) == (16, 3)

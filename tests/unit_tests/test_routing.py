@@ -280,3 +280,70 @@ def test_grouped_mlp_tp2_combines_to_tp1() -> None:
         w2_shards.append(torch.cat([d.chunk(TP)[t] for d in downs]))
     _tp_round_trip(W1, weight1, w1_shards, 1)
     _tp_round_trip(W2, weight2, w2_shards, 0)
+
+
+# --- MLA -------------------------------------------------------------------------------------
+
+_MLA_NAMES = {
+    "decoder.layers.0.self_attention.linear_q_proj.weight": "mla_q",
+    "decoder.layers.0.self_attention.linear_q_down_proj.weight": "plain",
+    "decoder.layers.0.self_attention.linear_q_up_proj.weight": "mla_q",
+    "decoder.layers.0.self_attention.linear_kv_down_proj.weight": "plain",
+    "decoder.layers.0.self_attention.linear_kv_up_proj.weight": "mla_kv_up",
+}
+
+
+def test_mla_projections_are_muon_matrices_and_their_norms_adamw() -> None:
+    from muon_megatron.routing.rules import is_muon_param, param_kind
+
+    for name, kind in _MLA_NAMES.items():
+        assert is_muon_param("module." + name, torch.zeros(8, 4)), name
+        assert param_kind(name) == kind, name
+    for norm in ("q_layernorm.weight", "kv_layernorm.weight", "linear_q_up_proj.layer_norm_weight"):
+        assert not is_muon_param(f"decoder.layers.0.self_attention.{norm}", torch.zeros(8))
+
+
+def _mla_split(name: str, rows: int, cols: int, tp: int, split: bool):
+    from muon_megatron.config import MuonConfig
+    from muon_megatron.routing.splits import matrix_split
+
+    return matrix_split(
+        name, (rows, cols), tp_size=tp, tp_partition_dim=0,
+        muon_config=MuonConfig(muon_split_mla=split), num_attention_heads=4,
+        num_query_groups=4, kv_channels=8, gated_linear_unit=True, hidden_size=32,
+        qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=6,
+    )
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_mla_whole_matrices_by_default_reassembled_over_tp(tp: int) -> None:
+    """Every MLA projection is one logical matrix of the full logical shape, whatever TP."""
+    for name, (rows, cols) in {
+        "decoder.layers.0.self_attention.linear_kv_up_proj.weight": (4 * 14, 16),
+        "decoder.layers.0.self_attention.linear_kv_down_proj.weight": (20, 32),
+        "decoder.layers.0.self_attention.linear_q_proj.weight": (4 * 12, 32),
+    }.items():
+        split = _mla_split(name, rows // tp, cols, tp, split=False)
+        assert split.logical_shapes() == [(rows, cols)], name
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_split_mla_takes_k_nope_and_v_of_every_head(tp: int) -> None:
+    """With --muon-split-mla, kv_up's logical matrices are exactly the K-nope rows and the
+    V rows of all heads in head order, on any TP (pieces of all ranks combined)."""
+    from muon_megatron.routing.splits import combine_tp_pieces, extract_pieces
+
+    heads, dk, dv, cols = 4, 8, 6, 16
+    full = torch.arange(heads * (dk + dv) * cols, dtype=torch.float32).view(-1, cols)
+    name = "decoder.layers.0.self_attention.linear_kv_up_proj.weight"
+    split = _mla_split(name, full.shape[0] // tp, cols, tp, split=True)
+    pieces = [extract_pieces(local, split) for local in full.chunk(tp, dim=0)]
+    k_nope, v = combine_tp_pieces(pieces, split)
+    per_head = full.view(heads, dk + dv, cols)
+    assert torch.equal(k_nope, per_head[:, :dk].reshape(-1, cols))
+    assert torch.equal(v, per_head[:, dk:].reshape(-1, cols))
+
+
+def test_split_mla_refuses_rows_that_are_not_whole_heads() -> None:
+    with pytest.raises(ValueError, match="--muon-split-mla"):
+        _mla_split("decoder.layers.0.self_attention.linear_q_proj.weight", 13, 32, 1, True)
