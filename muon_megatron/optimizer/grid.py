@@ -6,8 +6,9 @@ the data-parallel group (by the ZeRO-1 grad buffer); an expert weight over the e
 and expert-DP groups. The *grid* is the set of ranks holding a piece of the same weights:
 the union of the TP groups of the members of one DP group. megatron-core has this group
 for dense weights (tensor-and-data-parallel) but not for experts, so we build grids
-ourselves from any (tp_group, dp_group) pair. Building groups is collective over the
-whole world; grids are cached so building optimizers again creates no new groups.
+ourselves from any (tp_group, dp_group) pair: the DP peers exchange their TP groups, and
+the grid's own ranks create its process group (nothing world-wide). Grids are cached, so
+building optimizers again creates no new groups.
 """
 
 from __future__ import annotations
@@ -42,40 +43,48 @@ _GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
 
 
 def build_grid(tp_group: dist.ProcessGroup, dp_group: dist.ProcessGroup) -> Grid:
-    """The grid of this rank. Collective over the default (world) group."""
+    """The grid of this rank. Collective over `dp_group` only (one all-gather of a few ints
+    per rank), then over the grid's own ranks the first time a grid is seen."""
     tp_size, dp_size = tp_group.size(), dp_group.size()
     me = dist.get_rank()
-    info = (
-        tuple(dist.get_process_group_ranks(tp_group)),
-        tuple(dist.get_process_group_ranks(dp_group)),
-        tp_group.rank(),
-        dp_group.rank(),
-    )
-    everyone: list = [None] * dist.get_world_size()
-    with watched("Muon grid construction all_gather_object"):
-        dist.all_gather_object(everyone, info)
-
-    def grid_of(rank: int) -> tuple[int, ...]:
-        _, dp_ranks, _, _ = everyone[rank]
-        return tuple(sorted({r for d in dp_ranks for r in everyone[d][0]}))
-
-    grids = sorted({grid_of(r) for r in range(len(everyone))})
-    mine = grid_of(me)
-    if len(mine) != tp_size * dp_size:
+    tp_ranks = dist.get_process_group_ranks(tp_group)
+    mine_info = torch.tensor([tp_group.rank(), *tp_ranks], dtype=torch.long)
+    gathered = [torch.empty_like(mine_info) for _ in range(dp_size)]
+    if dp_size > 1:
+        with watched("Muon grid construction all_gather", dp_group):
+            dist.all_gather(gathered, _on_backend_device(mine_info, dp_group), group=dp_group)
+        gathered = [g.cpu() for g in gathered]
+    else:
+        gathered = [mine_info]
+    # Member coords: (TP rank, DP rank) of each rank of the union of the DP peers' TP groups.
+    coords_of: dict[int, tuple[int, int]] = {}
+    for d, info in enumerate(gathered):
+        for t, rank in enumerate(info[1:].tolist()):
+            coords_of[rank] = (t, d)
+    mine = tuple(sorted(coords_of))
+    if len(mine) != tp_size * dp_size or any(
+        len(info) != tp_size + 1 for info in gathered
+    ):
         raise ValueError(
-            f"rank {me}: the TP group {info[0]} and DP group {info[1]} do not form a "
-            f"{tp_size}x{dp_size} grid (got {len(mine)} ranks); Muon needs every DP peer to "
-            "share the same TP layout."
+            f"rank {me}: the TP group {tp_ranks} and DP group "
+            f"{dist.get_process_group_ranks(dp_group)} do not form a {tp_size}x{dp_size} grid "
+            f"(got {len(mine)} ranks); Muon needs every DP peer to share the same TP layout."
         )
-    # new_group is collective over the world: every rank creates every grid, same order.
-    for ranks in grids:
-        if len(ranks) > 1 and ranks not in _GROUPS:
-            _GROUPS[ranks] = dist.new_group(list(ranks))
-    coords = tuple((everyone[r][2], everyone[r][3]) for r in mine)
+    if len(mine) > 1 and mine not in _GROUPS:
+        # Only the grid's ranks take part (use_local_synchronization): grids of other
+        # ranks, other optimizers and other pipeline stages need not be built in step.
+        _GROUPS[mine] = dist.new_group(list(mine), use_local_synchronization=True)
     group = _GROUPS.get(mine)
     if group is not None and dist.get_group_rank(group, me) != mine.index(me):
         raise RuntimeError("grid group ranks are not in ascending global-rank order")
+    coords = tuple(coords_of[r] for r in mine)
     return Grid(group, mine.index(me), coords, tp_size, dp_size)
+
+
+def _on_backend_device(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    if dist.get_backend(group) == "nccl":
+        return t.cuda()
+    return t
 
 
 class InFlight:
