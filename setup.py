@@ -23,6 +23,10 @@ setup(
     extras_require={
         "test": ["pytest>=7"],
         "plot": ["matplotlib"],
+        # megatron-core's own Muon, for `muon-megatron bench` only. Install it with
+        # `pip install --no-deps --ignore-requires-python emerging-optimizers==0.3.0 absl-py`
+        # (it declares Python >= 3.12 and would pull a CUDA torch): README's test command does.
+        "bench": ["emerging-optimizers==0.3.0", "absl-py"],
         # Used when present on GPU clusters; never required on CPU.
         "gpu": ["transformer-engine[pytorch]", "apex"],
     },

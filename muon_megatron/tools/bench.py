@@ -1,25 +1,30 @@
-"""`muon-megatron bench`: what our Muon costs next to megatron-core's AdamW, in one run.
+"""`muon-megatron bench`: our Muon next to megatron-core's AdamW and megatron-core's own Muon.
 
-One spawn of `world` gloo processes trains a small megatron-core GPT (and an MoE) under each
-layout (DP4, TP2 x DP2, MoE EP2 x DP2 by default) with each optimizer, from the same initial
-weights on the same batches (`tiny.global_batch`). Every optimizer gets `warmup` steps,
-then `steps` measured ones. Forward and backward run every step and are not measured; around
-`optimizer.step()` only, each rank records:
+One launch of gloo processes per world size trains a small megatron-core GPT (and an MoE)
+under each layout (DP2 and TP2 on 2 ranks; DP4, TP2 x DP2 and MoE EP2 x DP2 on 4) with each
+optimizer, from the same initial weights on the same batches (`tiny.global_batch`). The
+optimizers of a layout live side by side and their steps are interleaved (step s of every
+optimizer, then step s+1), so a noisy spell of the machine hits them alike. Every optimizer
+gets `warmup` steps, then `steps` measured ones. Forward and backward run every step and are
+not measured; around `optimizer.step()` only, each rank records:
 
 * wall time (after a barrier, so every rank starts together); a step's time is the slowest
   rank's, the reported figure the median over the measured steps;
+* the time in `prepare_grads` (the non-finite check used to add a pass there);
 * bytes sent and received by every `torch.distributed` collective (`comm_counter`); our extra
   bytes are Muon's minus AdamW's on the same rank;
 * Newton-Schulz FLOPs, from the shapes actually passed to `newton_schulz` (cross-checked
   against the optimizer's own `owner_loads()` and `ns_calls`), and one copy of every logical
   matrix counted independently from the model spec (`expected_logical_shapes`);
-* the buffers passed to the Muon all-to-alls, per bucket, for the transient memory;
+* the peak bytes the pipelined step held, against the largest bucket;
 * after the last step, the bytes of every tensor in the optimizer state and of the fp32 main
   params.
 
 Muon variants: `muon` (bf16 Newton-Schulz, bf16 communication), `muon_fp32comm` (bf16 NS,
-fp32 communication: `MuonConfig`'s defaults) and `muon_fp32` (fp32 NS and communication).
-megatron-core's own Muon is run only where its dependency imports (`mcore_muon_status`).
+fp32 communication: `MuonConfig`'s defaults), `muon_fp32` (fp32 NS and communication) and
+`muon_match` (the configuration megatron-core's Muon runs too, `tools.mcore_muon`).
+`mcore_muon` is megatron-core's own Muon (dense layouts), where emerging-optimizers is
+installed (the `bench` extra); ours / theirs is reported per layout.
 
 Modules: `bench_config` (what runs), `bench_rank` (what each rank measures), `bench_report`
 (rows, checks, the table); this one runs them and is the command.
@@ -28,6 +33,7 @@ Modules: `bench_config` (what runs), `bench_rank` (what each rank measures), `be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -40,6 +46,7 @@ from typing import Any
 from muon_megatron.tools.bench_config import (
     DEFAULT_MODEL,
     LAYOUTS,
+    MCORE_MUON,
     OPTIMIZERS,
     BenchConfig,
     expected_logical_shapes,
@@ -69,28 +76,19 @@ _CPU_NOISE = (
 )
 
 
+def mcore_matching() -> dict[str, Any]:
+    """The configuration in which ours and megatron-core's Muon run the same algorithm."""
+    from muon_megatron.tools import mcore_muon
+
+    return {"megatron-core": {**mcore_muon.MATCHING, "coefficient_type": mcore_muon.COEFFICIENT_TYPE},
+            "ours": OPTIMIZERS["muon_match"]}
+
+
 def mcore_muon_status() -> tuple[bool, str]:
-    """Whether megatron-core's own Muon can run here, and if not, exactly why."""
-    try:
-        from megatron.core.optimizer import muon as mcore_muon
-    except ImportError as exc:
-        return False, f"megatron.core.optimizer.muon does not import ({exc!r})"
-    if getattr(mcore_muon, "HAVE_EMERGING_OPTIMIZERS", False):
-        return True, "megatron.core.optimizer.muon with emerging-optimizers"
-    try:
-        import emerging_optimizers  # noqa: F401
-        from emerging_optimizers.orthogonalized_optimizers import OrthogonalizedOptimizer  # noqa
-    except BaseException as exc:  # noqa: BLE001 (the placeholder release aborts on import)
-        error = f"{type(exc).__name__}: {exc}".strip()
-    else:
-        error = "emerging_optimizers imported in this process but not in megatron-core's"
-    py = platform.python_version()
-    return False, (
-        "megatron-core's Muon (megatron.core.optimizer.muon, TensorParallelMuon + "
-        "LayerWiseDistributedOptimizer) needs the emerging-optimizers package, which does not "
-        f"import here ({error}); its only release with the optimizers, 0.3.0, requires "
-        f"Python >= 3.12 and this is Python {py}"
-    )
+    """Whether megatron-core's own Muon can run here (`tools.mcore_muon`), and if not, why."""
+    from muon_megatron.tools import mcore_muon
+
+    return mcore_muon.status()
 
 
 def run_bench(cfg: BenchConfig, timeout_s: float = 1800) -> dict[str, Any]:
@@ -106,17 +104,25 @@ def run_bench(cfg: BenchConfig, timeout_s: float = 1800) -> dict[str, Any]:
     if cfg.steps < 1 or cfg.warmup < 0:
         raise ValueError(f"steps={cfg.steps} must be >= 1 and warmup={cfg.warmup} >= 0")
     mcore = mcore_muon_status()
+    if not mcore[0]:
+        cfg = dataclasses.replace(cfg, optimizers=tuple(o for o in cfg.optimizers if o != MCORE_MUON))
     t0 = time.perf_counter()
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
            "PYTHONWARNINGS": ",".join(_CPU_NOISE)}
     with child_env_defaults(env):
-        per_rank = spawn(rank_main, cfg.world, cfg, timeout_s=timeout_s)
-    result = summarize(cfg, per_rank, mcore)
+        # One launch per world size; each holds its layouts' optimizers side by side.
+        ranks_of: dict[str, list[dict[str, Any]]] = {}
+        for world in sorted({cfg.world_of(layout) for layout in cfg.layouts}):
+            per_rank = spawn(rank_main, world, cfg, timeout_s=timeout_s)
+            for key in per_rank[0]:
+                ranks_of[key] = [r[key] for r in per_rank]
+    result = summarize(cfg, ranks_of, mcore)
     result["config"] = asdict(cfg)
     result["mcore_muon"] = {"available": mcore[0], "why": mcore[1]}
     result["wall_seconds"] = time.perf_counter() - t0
     result["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(),
-                         "platform": platform.platform(), "backend": "gloo"}
+                         "platform": platform.platform(), "backend": "gloo",
+                         "mcore_matching": mcore_matching()}
     return result
 
 
@@ -154,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_bench(cfg)
     print(f"> megatron-core Muon: {'runs' if result['mcore_muon']['available'] else 'left out'}:"
           f" {result['mcore_muon']['why']}")
+    if result["mcore_muon"]["available"]:
+        matching = result["machine"]["mcore_matching"]
+        print(f"> matching configuration: megatron-core {matching['megatron-core']}")
+        print(f">                         ours {matching['ours']}")
     print(format_table(result))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as fh:

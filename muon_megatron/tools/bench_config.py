@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from muon_megatron.tools.mcore_muon import OURS_MATCHING
+
 if TYPE_CHECKING:
     from muon_megatron.testing.tiny import ModelSpec
 
@@ -17,6 +19,11 @@ __all__ = [
     "DEFAULT_MODEL",
     "EXTRA_BYTES_PER_PARAM_X_DP",
     "LAYOUTS",
+    "LAYOUT_WORLDS",
+    "MCORE_MUON",
+    "PREPARE_GRADS_TARGET",
+    "TRANSIENT_BUCKETS_TARGET",
+    "VS_MCORE_TARGETS",
     "NS_BALANCE_TARGET",
     "NS_COPIES_TARGET",
     "OPTIMIZERS",
@@ -25,19 +32,37 @@ __all__ = [
 ]
 
 LAYOUTS: dict[str, dict[str, int]] = {
+    "dp2": {},
+    "tp2": {"tp": 2},
     "dp4": {},
     "tp2xdp2": {"tp": 2},
     "moe_ep2xdp2": {"ep": 2},
 }
-"""Layouts on a world of 4: dense data parallel, TP2 x DP2, and an MoE with EP2 (expert DP 2,
-dense DP 4). A layout whose name starts with `moe` runs the MoE model."""
+"""Dense data parallel on 2 and 4 ranks, TP2 on 2, TP2 x DP2, and an MoE with EP2 (expert
+DP 2, dense DP 4). A layout whose name starts with `moe` runs the MoE model; its world size
+is `LAYOUT_WORLDS` (one launch per world size)."""
+LAYOUT_WORLDS: dict[str, int] = {"dp2": 2, "tp2": 2, "dp4": 4, "tp2xdp2": 4, "moe_ep2xdp2": 4}
 
-OPTIMIZERS: dict[str, dict[str, str] | None] = {
+MCORE_MUON = "mcore_muon"
+"""megatron-core's own Muon (`tools.mcore_muon`) in the configuration that matches ours."""
+
+OPTIMIZERS: dict[str, dict[str, Any] | None] = {
     "adamw": None,
     "muon": {"muon_ns_dtype": "bf16", "muon_comm_dtype": "bf16"},
     "muon_fp32comm": {"muon_ns_dtype": "bf16", "muon_comm_dtype": "fp32"},
     "muon_fp32": {"muon_ns_dtype": "fp32", "muon_comm_dtype": "fp32"},
+    "muon_match": {
+        k: v for k, v in dataclasses.asdict(OURS_MATCHING).items() if k != "muon_bucket_mb"
+    },
+    MCORE_MUON: None,
 }
+"""Ours in four settings (`muon_match`: the configuration megatron-core's Muon runs too, fp32
+Newton-Schulz), and megatron-core's own Muon (None: no MuonConfig; AdamW too)."""
+
+# Issue 13's targets: ours / megatron-core's Muon step time, per layout.
+VS_MCORE_TARGETS: dict[str, float] = {"tp2": 0.6, "tp2xdp2": 0.6, "dp2": 0.85}
+PREPARE_GRADS_TARGET = 2.0  # Muon's prepare_grads time / AdamW's
+TRANSIENT_BUCKETS_TARGET = 2.0  # peak transient bytes / the largest bucket's fp32 bytes
 
 # Issue 7's targets.
 EXTRA_BYTES_PER_PARAM_X_DP = 4.0  # bf16 gather + scatter: extra bytes per rank <= 4 B * N / DP
@@ -71,7 +96,6 @@ def _default_model() -> ModelSpec:
 class BenchConfig:
     """Model, layouts, optimizers and step counts of one benchmark run."""
 
-    world: int = 4
     layouts: tuple[str, ...] = tuple(LAYOUTS)
     optimizers: tuple[str, ...] = tuple(OPTIMIZERS)
     model: ModelSpec = field(default_factory=_default_model)
@@ -84,7 +108,9 @@ class BenchConfig:
     seed: int = 1234
     lr: float = 1e-3
     weight_decay: float = 0.1
-    muon_bucket_mb: float = 256.0
+    muon_bucket_mb: float = 2.0
+    """Small against the default model's 15.7 MB of fp32 Muon matrices, so that the step has
+    several buckets to pipeline (a large model gets as many from MuonConfig's 64 MiB)."""
 
     def __post_init__(self) -> None:
         if self.model.num_experts is not None:
@@ -93,6 +119,10 @@ class BenchConfig:
                 "model: leave num_experts=None there and set BenchConfig(num_experts=N) for "
                 "the MoE layouts."
             )
+
+    def world_of(self, layout: str) -> int:
+        """Ranks of `layout`'s launch."""
+        return LAYOUT_WORLDS[layout]
 
     @property
     def bf16(self) -> bool:
@@ -104,14 +134,17 @@ class BenchConfig:
         return self.model
 
 
-def expected_logical_shapes(cfg: BenchConfig, layout: str) -> list[tuple[int, int]]:
+def expected_logical_shapes(
+    cfg: BenchConfig, layout: str, split_fc1: bool = True
+) -> list[tuple[int, int]]:
     """One copy of every logical Muon matrix of the model, from its spec alone (Q, K, V,
-    proj; gate, up (SwiGLU), down per MLP or per expert); the router, embeddings, norms stay
-    AdamW."""
+    proj; gate and up (SwiGLU; one fc1 matrix without `split_fc1`), down per MLP or per
+    expert); the router, embeddings, norms stay AdamW."""
     spec = cfg.model_spec(layout)
     h, heads, groups = spec.hidden_size, spec.num_attention_heads, spec.num_query_groups
     d = h // heads
     attention = [(heads * d, h), (groups * d, h), (groups * d, h), (h, heads * d)]
     f = spec.ffn_hidden_size if spec.num_experts is None else spec.moe_ffn_hidden_size
-    mlp = ([(f, h), (f, h)] if spec.swiglu else [(f, h)]) + [(h, f)]
+    fc1 = [(f, h), (f, h)] if not spec.swiglu or split_fc1 else [(2 * f, h)]
+    mlp = (fc1 if spec.swiglu else [(f, h)]) + [(h, f)]
     return (attention + mlp * (spec.num_experts or 1)) * spec.num_layers

@@ -15,26 +15,25 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from muon_megatron.tools.bench_config import LAYOUTS, OPTIMIZERS, BenchConfig
+from muon_megatron.tools.bench_config import LAYOUTS, MCORE_MUON, OPTIMIZERS, BenchConfig
 
 __all__ = ["rank_main"]
 
 
 class _Probe:
-    """Wraps `newton_schulz` and `all_to_all` where `optimizer.distributed` calls them."""
+    """Wraps `newton_schulz` and `start_all_to_all` where `optimizer.distributed` calls them,
+    and the optimizer's `prepare_grads`."""
 
     def __init__(self) -> None:
-        self.ns_flops = 0.0
-        self.ns_matrices = 0
-        self.a2a: list[dict[str, int]] = []
-        self.a2a_seconds = 0.0
+        self.reset()
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator[_Probe]:
+    def installed(self, optimizer: Any) -> Iterator[_Probe]:
         from muon_megatron.ops.newton_schulz import ns_flops
         from muon_megatron.optimizer import distributed
 
-        ns, a2a = distributed.newton_schulz, distributed.all_to_all
+        ns, a2a = distributed.newton_schulz, distributed.start_all_to_all
+        prepare = optimizer.prepare_grads
 
         def newton_schulz(x, *args, **kwargs):
             steps = kwargs.get("steps", args[0] if args else 5)
@@ -43,40 +42,66 @@ class _Probe:
             self.ns_matrices += batch
             return ns(x, *args, **kwargs)
 
-        def all_to_all(chunks_out, sizes_in, grid, dtype):
+        def start_all_to_all(parts, sizes_in, grid, dtype, device, keep=None):
             import torch
 
             self.a2a.append({
-                "send_numel": sum(c.numel() for c in chunks_out),
+                "send_numel": sum(p.numel() for member in parts for p in member),
                 "recv_numel": sum(sizes_in),
                 "comm_bytes": torch.empty(0, dtype=dtype).element_size(),
                 "grid_size": grid.size,
             })
             t0 = time.perf_counter()
             try:
-                return a2a(chunks_out, sizes_in, grid, dtype)
+                return a2a(parts, sizes_in, grid, dtype, device, keep)
             finally:
                 self.a2a_seconds += time.perf_counter() - t0
 
-        distributed.newton_schulz, distributed.all_to_all = newton_schulz, all_to_all
+        def prepare_grads():
+            t0 = time.perf_counter()
+            try:
+                return prepare()
+            finally:
+                self.prepare_seconds += time.perf_counter() - t0
+
+        distributed.newton_schulz, distributed.start_all_to_all = newton_schulz, start_all_to_all
+        optimizer.prepare_grads = prepare_grads
         try:
             yield self
         finally:
-            distributed.newton_schulz, distributed.all_to_all = ns, a2a
+            distributed.newton_schulz, distributed.start_all_to_all = ns, a2a
+            optimizer.prepare_grads = prepare
 
     def reset(self) -> None:
-        self.ns_flops, self.ns_matrices, self.a2a, self.a2a_seconds = 0.0, 0, [], 0.0
+        self.ns_flops, self.ns_matrices, self.a2a = 0.0, 0, []
+        self.a2a_seconds = self.prepare_seconds = 0.0
 
 
-def _build_optimizer(name: str, cfg: BenchConfig, model: list) -> Any:
+def _build(name: str, cfg: BenchConfig, spec: Any, layout: Any) -> tuple[list, Any]:
+    """Model and optimizer `name` for this layout (process groups already built), from the
+    same initial weights as every other optimizer of the benchmark."""
+    import torch
+    from megatron.core import tensor_parallel
+
     from muon_megatron.config import MuonConfig
     from muon_megatron.testing import tiny
+    from muon_megatron.tools import mcore_muon
+    from muon_megatron.training import step
 
+    torch.manual_seed(cfg.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
     config = tiny.optimizer_config(lr=cfg.lr, weight_decay=cfg.weight_decay, bf16=cfg.bf16)
+    if name == MCORE_MUON:
+        # megatron-core's Muon needs the plain DDP (no distributed optimizer).
+        model = tiny.build_model(spec, layout, ddp_overrides={"use_distributed_optimizer": False})
+        optimizer = mcore_muon.build(config, model)
+        step.param_scheduler(optimizer, max_lr=cfg.lr, min_lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return model, optimizer
+    model = tiny.build_model(spec, layout)
     muon_config = None
     if OPTIMIZERS[name] is not None:
         muon_config = MuonConfig(muon_bucket_mb=cfg.muon_bucket_mb, **OPTIMIZERS[name])
-    return tiny.build_optimizer(model, config, muon_config)
+    return model, tiny.build_optimizer(model, config, muon_config)
 
 
 def _state_bytes(optimizer: Any, muon_shards: set[int], main_is_copy: bool) -> dict[str, Any]:
@@ -123,61 +148,50 @@ def _muon_static(optimizer: Any) -> dict[str, Any]:
             shard = opt._main_shard(m)
             if shard is not None:
                 shards.add(id(shard))
-        for bucket in opt._buckets:
-            owned = [m for m in bucket if m.owner == opt.grid.rank]
-            buckets.append(sum(m.param.numel() * m.split.tp_size for m in owned))
-    return {"members": members, "shards": shards, "owned_full_numel_per_bucket": buckets}
+        buckets.extend(4 * bucket.numel for bucket in opt._buckets)
+    return {"members": members, "shards": shards, "bucket_bytes": buckets}
 
 
-def _transient(a2a: list[dict[str, int]], owned_full: list[int]) -> dict[str, Any]:
-    """Peak bytes of the gather/scatter buffers over buckets (calls come gather, scatter per
-    bucket, in bucket order). Gather: the fp32 concatenated shards, their send copy in the
-    wire dtype, the receive buffer and the reassembled fp32 matrices the rank owns. Scatter:
-    those matrices and their fp32 updates, the fp32 concatenated slices, send and receive
-    buffers. Newton-Schulz's own intermediates (a few copies of the largest batch of equal
-    shapes, in the NS dtype) are not included."""
-    if len(a2a) != 2 * len(owned_full):
-        raise RuntimeError(f"{len(a2a)} all-to-alls for {len(owned_full)} buckets")
-    per_bucket = []
-    for b, full in enumerate(owned_full):
-        g, s = a2a[2 * b], a2a[2 * b + 1]
-        c = g["comm_bytes"]
-        gather = g["send_numel"] * (4 + c) + g["recv_numel"] * c + 4 * full
-        scatter = 8 * full + s["send_numel"] * (4 + c) + s["recv_numel"] * c
-        per_bucket.append({"gather": gather, "scatter": scatter, "owned_full_numel": full,
-                           "gather_recv_numel": g["recv_numel"],
-                           "scatter_send_numel": s["send_numel"]})
-    peak = max((max(b["gather"], b["scatter"]) for b in per_bucket), default=0)
-    return {"peak_bytes": peak, "buckets": per_bucket}
-
-
-def _bench_one(cfg: BenchConfig, layout_name: str, opt_name: str) -> dict[str, Any]:
-    import torch
-
+def _transient(optimizer: Any, bucket_bytes: list[int]) -> dict[str, Any]:
+    """Peak bytes the pipelined step held at once (`pipeline.run_pipeline`: the buffers of
+    the collectives in flight plus the bucket being orthogonalized, Newton-Schulz's own work
+    space not included), against the largest bucket (fp32 bytes of its full matrices)."""
     from muon_megatron.optimizer.builder import muon_optimizers
-    from muon_megatron.testing import tiny
-    from muon_megatron.tools.comm_counter import CollectiveCounter
-    from muon_megatron.training.model import local_parameter_count
 
-    spec = cfg.model_spec(layout_name)
-    layout = tiny.Layout(**LAYOUTS[layout_name])
-    tiny.initialize_parallel(layout, cfg.seed)
-    model = tiny.build_model(spec, layout)
-    optimizer = _build_optimizer(opt_name, cfg, model)
-    static = _muon_static(optimizer)
-    dp = layout.dp(cfg.world)
-    mbs = cfg.global_batch_size // dp
-    counter, probe = CollectiveCounter(), _Probe()
-    times, sent, received, flops, matrices, calls, losses = [], [], [], [], [], [], []
-    ns_seconds, a2a_seconds = [], []
-    by_op: dict[str, Any] = {}
-    transient: dict[str, Any] = {"peak_bytes": 0, "buckets": []}
-    with counter.installed(), probe.installed():
-        for step in range(cfg.warmup + cfg.steps):
-            batch = tiny.global_batch(step, spec, cfg.global_batch_size, cfg.seed)
-            optimizer.zero_grad()
-            losses.append(tiny.forward_backward(model, batch, spec, mbs))
-            ns_before = sum(o.ns_calls for o in muon_optimizers(optimizer))
+    peak = max((o.transient_peak_bytes for o in muon_optimizers(optimizer)), default=0)
+    return {"peak_bytes": peak, "bucket_bytes": max(bucket_bytes, default=0),
+            "buckets": len(bucket_bytes)}
+
+
+class _Runner:
+    """One optimizer of one layout and what its measured steps recorded."""
+
+    def __init__(self, name: str, model: list, optimizer: Any) -> None:
+        self.name, self.model, self.optimizer = name, model, optimizer
+        self.static = _muon_static(optimizer)
+        self.probe = _Probe()
+        self.rec: dict[str, list] = {k: [] for k in (
+            "times", "sent", "received", "ns_flops", "ns_matrices", "ns_calls", "losses",
+            "ns_seconds", "a2a_seconds", "prepare_seconds")}
+        self.by_op: dict[str, Any] = {}
+        self.transient: dict[str, Any] = {"peak_bytes": 0, "bucket_bytes": 0, "buckets": 0}
+
+    def step(self, cfg: BenchConfig, spec: Any, mbs: int, step: int, counter: Any,
+             measured: bool) -> None:
+        import torch
+
+        from muon_megatron.optimizer.builder import muon_optimizers
+        from muon_megatron.testing import tiny
+        from muon_megatron.tools import mcore_muon
+
+        optimizer, probe = self.optimizer, self.probe
+        batch = tiny.global_batch(step, spec, cfg.global_batch_size, cfg.seed)
+        optimizer.zero_grad()
+        loss = tiny.forward_backward(self.model, batch, spec, mbs)
+        members = muon_optimizers(optimizer)
+        ns_before = sum(o.ns_calls for o in members)
+        padded = mcore_muon.padded_all_gather() if self.name == MCORE_MUON else _nothing()
+        with probe.installed(optimizer), padded:
             probe.reset()
             torch.distributed.barrier()
             counter.start()
@@ -185,38 +199,67 @@ def _bench_one(cfg: BenchConfig, layout_name: str, opt_name: str) -> dict[str, A
             optimizer.step()
             dt = time.perf_counter() - t0
             records = counter.stop()
-            if step < cfg.warmup:
-                continue
-            totals = counter.totals(records)
-            times.append(dt)
-            sent.append(totals["sent"])
-            received.append(totals["received"])
-            by_op = totals["by_op"]
-            flops.append(probe.ns_flops)
-            matrices.append(probe.ns_matrices)
-            calls.append(sum(o.ns_calls for o in muon_optimizers(optimizer)) - ns_before)
-            ns_seconds.append(sum(o.muon_metrics.get("muon/ns_seconds_local", 0.0)
-                                  for o in muon_optimizers(optimizer)))
-            a2a_seconds.append(probe.a2a_seconds)
-            if static["owned_full_numel_per_bucket"]:
-                transient = _transient(probe.a2a, static["owned_full_numel_per_bucket"])
-    state = _state_bytes(optimizer, static.pop("shards"), main_is_copy=cfg.bf16)
-    return {
-        "times": times, "sent": sent, "received": received, "by_op": by_op,
-        "ns_flops": flops, "ns_matrices": matrices, "ns_calls": calls, "losses": losses,
-        "ns_seconds": ns_seconds, "a2a_seconds": a2a_seconds,
-        "state": state, "muon": static, "transient": transient,
-        "local_params": local_parameter_count(model),
-    }
+        if not measured:
+            return
+        totals = counter.totals(records)
+        rec = self.rec
+        rec["losses"].append(loss)
+        rec["times"].append(dt)
+        rec["sent"].append(totals["sent"])
+        rec["received"].append(totals["received"])
+        self.by_op = totals["by_op"]
+        rec["ns_flops"].append(probe.ns_flops)
+        rec["ns_matrices"].append(probe.ns_matrices)
+        rec["ns_calls"].append(sum(o.ns_calls for o in members) - ns_before)
+        # Reading the metrics waits for the device: after the timed region, as a log would.
+        rec["ns_seconds"].append(sum(o.muon_metrics.get("muon/ns_seconds_local", 0.0)
+                                     for o in members))
+        rec["a2a_seconds"].append(probe.a2a_seconds)
+        rec["prepare_seconds"].append(probe.prepare_seconds)
+        if self.static["bucket_bytes"]:
+            self.transient = _transient(optimizer, self.static["bucket_bytes"])
+
+    def result(self, main_is_copy: bool) -> dict[str, Any]:
+        from muon_megatron.training.model import local_parameter_count
+
+        state = _state_bytes(self.optimizer, self.static.pop("shards"), main_is_copy)
+        return {**self.rec, "by_op": self.by_op, "state": state, "muon": self.static,
+                "transient": self.transient, "local_params": local_parameter_count(self.model)}
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _bench_layout(cfg: BenchConfig, layout_name: str) -> dict[str, dict[str, Any]]:
+    """Every optimizer of `cfg` on one layout, their steps interleaved (step s of each
+    optimizer, then step s+1 of each), so that a slow spell of the machine hits all alike."""
+    from muon_megatron.testing import tiny
+    from muon_megatron.tools.comm_counter import CollectiveCounter
+
+    spec = cfg.model_spec(layout_name)
+    layout = tiny.Layout(**LAYOUTS[layout_name])
+    tiny.initialize_parallel(layout, cfg.seed)
+    names = [n for n in cfg.optimizers if n != MCORE_MUON or not spec.num_experts]
+    runners = [_Runner(n, *_build(n, cfg, spec, layout)) for n in names]
+    mbs = cfg.global_batch_size // layout.dp(cfg.world_of(layout_name))
+    counter = CollectiveCounter()
+    with counter.installed():
+        for step in range(cfg.warmup + cfg.steps):
+            for runner in runners:
+                runner.step(cfg, spec, mbs, step, counter, measured=step >= cfg.warmup)
+    return {r.name: r.result(main_is_copy=cfg.bf16) for r in runners}
 
 
 def rank_main(rank: int, world: int, cfg: BenchConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for layout_name in cfg.layouts:
-        for opt_name in cfg.optimizers:
-            t0 = time.perf_counter()
-            out[f"{layout_name}/{opt_name}"] = _bench_one(cfg, layout_name, opt_name)
-            if rank == 0:
-                print(f"> bench: {layout_name} {opt_name} done in {time.perf_counter() - t0:.0f} s",
-                      flush=True)
+        if cfg.world_of(layout_name) != world:
+            continue
+        t0 = time.perf_counter()
+        for opt_name, result in _bench_layout(cfg, layout_name).items():
+            out[f"{layout_name}/{opt_name}"] = result
+        if rank == 0:
+            print(f"> bench: {layout_name} done in {time.perf_counter() - t0:.0f} s", flush=True)
     return out

@@ -13,9 +13,13 @@ from typing import Any
 
 from muon_megatron.tools.bench_config import (
     EXTRA_BYTES_PER_PARAM_X_DP,
+    MCORE_MUON,
     NS_BALANCE_TARGET,
     NS_COPIES_TARGET,
     OPTIMIZERS,
+    PREPARE_GRADS_TARGET,
+    TRANSIENT_BUCKETS_TARGET,
+    VS_MCORE_TARGETS,
     BenchConfig,
     expected_logical_shapes,
 )
@@ -34,6 +38,7 @@ def _row(cfg: BenchConfig, layout: str, name: str, ranks: list[dict], adam: list
     row: dict[str, Any] = {"layout": layout, "optimizer": name}
     row["step_ms"] = 1e3 * _median_of_max([r["times"] for r in ranks])
     row["step_ms_rank_median"] = [1e3 * statistics.median(r["times"]) for r in ranks]
+    row["prepare_ms"] = 1e3 * _median_of_max([r["prepare_seconds"] for r in ranks])
     if OPTIMIZERS.get(name) is not None:
         row["ns_ms"] = 1e3 * _median_of_max([r["ns_seconds"] for r in ranks])
         row["a2a_ms"] = 1e3 * _median_of_max([r["a2a_seconds"] for r in ranks])
@@ -63,7 +68,9 @@ def _row(cfg: BenchConfig, layout: str, name: str, ranks: list[dict], adam: list
     # Newton-Schulz: measured from the shapes, against the plan and one copy of the model.
     per_rank_flops = [statistics.median(r["ns_flops"]) for r in ranks]
     planned = [sum(m["owner_load"] for m in r["muon"]["members"]) for r in ranks]
-    one_copy = sum(ns_flops(a, b, 5) for a, b in expected_logical_shapes(cfg, layout))
+    split_fc1 = OPTIMIZERS[name].get("muon_split_fc1", True)
+    shapes = expected_logical_shapes(cfg, layout, split_fc1)
+    one_copy = sum(ns_flops(a, b, 5) for a, b in shapes)
     mean = statistics.fmean(per_rank_flops)
     row["ns_flops_per_rank"] = per_rank_flops
     row["ns_flops_planned_per_rank"] = planned
@@ -71,7 +78,7 @@ def _row(cfg: BenchConfig, layout: str, name: str, ranks: list[dict], adam: list
         abs(a - b) <= 1e-9 * max(b, 1.0) for a, b in zip(per_rank_flops, planned))
     row["ns_max_over_mean"] = max(per_rank_flops) / mean if mean else None
     row["ns_copies"] = sum(per_rank_flops) / one_copy
-    expected_count = len(expected_logical_shapes(cfg, layout))
+    expected_count = len(shapes)
     row["ns_matrices_per_step"] = sum(statistics.median(r["ns_matrices"]) for r in ranks)
     row["ns_calls_per_step"] = sum(statistics.median(r["ns_calls"]) for r in ranks)
     row["ns_expected_matrices"] = expected_count
@@ -98,21 +105,33 @@ def _row(cfg: BenchConfig, layout: str, name: str, ranks: list[dict], adam: list
         row["target_bytes_per_muon_param"] = [b / n for b, n in zip(bound, local_muon)]
     row["transient_peak_bytes"] = [r["transient"]["peak_bytes"] for r in ranks]
     row["transient_buckets_rank0"] = ranks[0]["transient"]["buckets"]
+    bucket = max(r["transient"]["bucket_bytes"] for r in ranks)
+    row["bucket_bytes"] = bucket
+    row["transient_over_bucket"] = max(row["transient_peak_bytes"]) / bucket if bucket else None
     row["muon_shard_numel"] = [s["muon_numel"] for s in states]
     return row
 
 
-def summarize(cfg: BenchConfig, per_rank: list[dict[str, Any]], mcore: tuple[bool, str],
-              ) -> dict[str, Any]:
-    """Rows per (layout, optimizer) and the target checks."""
+def summarize(cfg: BenchConfig, ranks_of: dict[str, list[dict[str, Any]]],
+              mcore: tuple[bool, str]) -> dict[str, Any]:
+    """Rows per (layout, optimizer) and the target checks; `ranks_of['layout/optimizer']`
+    holds every rank's record of that run."""
     rows = []
     for layout in cfg.layouts:
-        adam = [r[f"{layout}/adamw"] for r in per_rank] if "adamw" in cfg.optimizers else None
+        adam = ranks_of.get(f"{layout}/adamw")
+        theirs = ranks_of.get(f"{layout}/{MCORE_MUON}")
         for name in cfg.optimizers:
-            row = _row(cfg, layout, name, [r[f"{layout}/{name}"] for r in per_rank], adam)
+            if f"{layout}/{name}" not in ranks_of:
+                continue  # megatron-core's Muon on an MoE layout: not run
+            row = _row(cfg, layout, name, ranks_of[f"{layout}/{name}"], adam)
             if adam is not None:
                 row["step_time_ratio_vs_adamw"] = row["step_ms"] / (
                     1e3 * _median_of_max([r["times"] for r in adam]))
+                row["prepare_ratio_vs_adamw"] = row["prepare_ms"] / (
+                    1e3 * _median_of_max([r["prepare_seconds"] for r in adam]))
+            if theirs is not None and name != MCORE_MUON:
+                row["step_time_ratio_vs_mcore_muon"] = row["step_ms"] / (
+                    1e3 * _median_of_max([r["times"] for r in theirs]))
             rows.append(row)
     checks: dict[str, Any] = {}
     bf16 = [r for r in rows if r["optimizer"] == "muon" and "extra_over_target" in r]
@@ -133,8 +152,24 @@ def summarize(cfg: BenchConfig, per_rank: list[dict[str, Any]], mcore: tuple[boo
                                and all(r["ns_count_check"] for r in muon_rows),
                                "values": sorted({round(c, 4) for c in copies})}
         checks["ns_balance"] = {"ok": max(balance) <= NS_BALANCE_TARGET, "max": max(balance)}
-    checks["vs_mcore_muon"] = {"ok": None, "why": mcore[1]} if not mcore[0] else {
-        "ok": None, "why": "megatron-core Muon importable but not wired into this benchmark"}
+        prepare = [r["prepare_ratio_vs_adamw"] for r in muon_rows if "prepare_ratio_vs_adamw" in r]
+        if prepare:
+            checks["prepare_grads"] = {"ok": max(prepare) <= PREPARE_GRADS_TARGET,
+                                       "max": max(prepare)}
+        transient = [r["transient_over_bucket"] for r in muon_rows if r["transient_over_bucket"]]
+        if transient:
+            checks["transient"] = {"ok": max(transient) <= TRANSIENT_BUCKETS_TARGET,
+                                   "max": max(transient)}
+    matched = {r["layout"]: r["step_time_ratio_vs_mcore_muon"] for r in rows
+               if r["optimizer"] == "muon_match" and "step_time_ratio_vs_mcore_muon" in r}
+    if not mcore[0]:
+        checks["vs_mcore_muon"] = {"ok": None, "why": mcore[1]}
+    else:
+        judged = {k: v for k, v in matched.items() if k in VS_MCORE_TARGETS}
+        checks["vs_mcore_muon"] = {
+            "ok": all(v <= VS_MCORE_TARGETS[k] for k, v in judged.items()) if judged else None,
+            "ratios": matched, "targets": VS_MCORE_TARGETS,
+            "why": "ours (muon_match) / megatron-core's Muon, step time, same launch"}
     return {"rows": rows, "checks": checks}
 
 
@@ -150,17 +185,20 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 TABLE_COLUMNS = (
-    ("layout", 12), ("optimizer", 14), ("step ms", 8), ("/AdamW", 7), ("NS ms", 6),
-    ("a2a ms", 6), ("sent/rank", 10),
+    ("layout", 12), ("optimizer", 14), ("step ms", 8), ("/AdamW", 7), ("/mcore", 7),
+    ("prep ms", 7), ("/AdamW", 7), ("NS ms", 6), ("a2a ms", 6), ("sent/rank", 10),
     ("recv/rank", 10), ("extra B/Mp", 10), ("target", 7), ("NS max/mean", 11),
-    ("NS copies", 9), ("state B/p", 9), ("B/Muon p", 8), ("transient", 10),
+    ("NS copies", 9), ("state B/p", 9), ("B/Muon p", 8), ("transient", 10), ("/bucket", 8),
 )
-"""Columns: step time (median over steps of the slowest rank), its ratio to AdamW's, of it
-the time in Newton-Schulz and in the Muon all-to-alls (slowest rank, median); bytes
+"""Columns: step time (median over steps of the slowest rank), its ratio to AdamW's and to
+megatron-core's Muon (same layout, same launch); the time in `prepare_grads` and its ratio to
+AdamW's; the time in Newton-Schulz and in issuing the Muon all-to-alls (slowest rank,
+median); bytes
 sent / received per step by the most-loaded rank; extra bytes over AdamW per Muon param of
 the rank (worst rank) and the target 4/DP; Newton-Schulz FLOPs max/mean over ranks and total
 in copies of the model's matrices; optimizer state bytes per param (all params, Muon
-params); peak transient bytes of the gather/scatter buffers (worst rank)."""
+params); peak transient bytes the pipelined step held (worst rank) and that over the
+largest bucket's fp32 bytes."""
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -173,7 +211,10 @@ def format_table(result: dict[str, Any]) -> str:
         transient = r.get("transient_peak_bytes")
         cells = [
             r["layout"], r["optimizer"], _cell(r["step_ms"], ".1f"),
-            _cell(r.get("step_time_ratio_vs_adamw"), ".2f"), _cell(r.get("ns_ms"), ".1f"),
+            _cell(r.get("step_time_ratio_vs_adamw"), ".2f"),
+            _cell(r.get("step_time_ratio_vs_mcore_muon"), ".2f"),
+            _cell(r.get("prepare_ms"), ".2f"), _cell(r.get("prepare_ratio_vs_adamw"), ".2f"),
+            _cell(r.get("ns_ms"), ".1f"),
             _cell(r.get("a2a_ms"), ".1f"),
             _fmt_bytes(max(r["sent_per_step"])), _fmt_bytes(max(r["received_per_step"])),
             _cell(None if extra is None else max(extra), ".3f"),
@@ -182,6 +223,7 @@ def format_table(result: dict[str, Any]) -> str:
             _cell(r["state_bytes_per_param"], ".2f"),
             _cell(r["state_bytes_per_muon_param"], ".2f"),
             "-" if transient is None else _fmt_bytes(max(transient)),
+            _cell(r.get("transient_over_bucket"), ".2f"),
         ]
         lines.append(" ".join(f"{c:>{w}s}" if i > 1 else f"{c:{w}s}"
                               for i, (c, (_, w)) in enumerate(zip(cells, TABLE_COLUMNS))))
@@ -207,6 +249,14 @@ def summary_line(result: dict[str, Any]) -> str:
         parts.append(f"NS copies == 1.00: {mark(c['ns_copies'])} ({c['ns_copies']['values']})")
         parts.append(f"NS max/mean <= 1.15: {mark(c['ns_balance'])} "
                      f"({c['ns_balance']['max']:.3f})")
-    parts.append(f"step-time ratio vs megatron-core Muon: {mark(c['vs_mcore_muon'])} "
-                 "(not run, see above)")
+    if "prepare_grads" in c:
+        parts.append(f"prepare_grads <= {PREPARE_GRADS_TARGET:g}x AdamW: "
+                     f"{mark(c['prepare_grads'])} ({c['prepare_grads']['max']:.2f})")
+    if "transient" in c:
+        parts.append(f"transient <= {TRANSIENT_BUCKETS_TARGET:g} buckets: "
+                     f"{mark(c['transient'])} ({c['transient']['max']:.2f})")
+    v = c["vs_mcore_muon"]
+    ratios = ", ".join(f"{k} {x:.2f} (<= {VS_MCORE_TARGETS.get(k, float('nan')):g})"
+                       for k, x in v.get("ratios", {}).items())
+    parts.append(f"ours / megatron-core Muon: {mark(v)} ({ratios or 'not run, see above'})")
     return "bench: " + " | ".join(parts)
