@@ -33,7 +33,11 @@ from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from muon_megatron.training.args import model_dims
-from muon_megatron.training.mla import te_stand_ins_off, use_local_mla_attention
+from muon_megatron.training.mla import (
+    fix_local_mla_gradients,
+    te_stand_ins_off,
+    use_local_mla_attention,
+)
 from muon_megatron.training.moonlight import gate_scaling_factor
 
 __all__ = [
@@ -222,6 +226,8 @@ def build_model(
             position_embedding_type=args.position_embedding_type,
             rotary_base=args.rotary_base,
         )
+    if args.multi_latent_attention and not use_te:
+        fix_local_mla_gradients(model)  # megatron-core's TP gradient flaws: see mla.py
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if args.bf16:
