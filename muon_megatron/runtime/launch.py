@@ -76,6 +76,10 @@ def _child(
     results: Any,
     timeout_s: float,
 ) -> None:
+    # Spawned from a torchrun worker (verify's reference, say): torchrun's agent store is
+    # not this job's rendezvous.
+    for key in [k for k in os.environ if k.startswith("TORCHELASTIC_")]:
+        del os.environ[key]
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),

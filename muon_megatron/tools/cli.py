@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from muon_megatron.megatron_lm.arguments import add_muon_config_args, muon_config_from_args
+from muon_megatron.runtime.torchrun import BACKENDS
 
 __all__ = ["add_muon_config_args", "main", "verify_parser"]
 
@@ -29,6 +30,13 @@ def verify_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grouped-gemm", action="store_true", help="GroupedMLP experts")
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="bf16 params, fp32 main params")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="Under torchrun: nccl (one GPU per rank), gloo, or auto (nccl where CUDA is "
+        "available). Without torchrun the ranks are spawned gloo processes on this CPU.",
+    )
     add_muon_config_args(parser)
     # The check is tight in fp32; `--muon-ns-dtype bf16` checks the bf16 path.
     parser.set_defaults(muon_ns_dtype="fp32")
@@ -54,7 +62,10 @@ def _verify(argv: Sequence[str]) -> int:
         moe_grouped_gemm=args.grouped_gemm,
         bf16=args.bf16,
     )
-    result = run_verify(VerifySpec(layout=layout, dp=args.dp, model=model, steps=args.steps), cfg)
+    spec = VerifySpec(layout=layout, dp=args.dp, model=model, steps=args.steps)
+    result = run_verify(spec, cfg, backend=args.backend)
+    if _rank() != 0:
+        return 0 if result["within_tolerance"] else 1
     for name, diff in sorted(result["diffs"].items()):
         print(f"  {name:70s} rel_diff={diff:.3e}")
     for family, diff in sorted(result["family_diffs"].items()):
@@ -74,6 +85,13 @@ def _verify(argv: Sequence[str]) -> int:
         f"tolerance={result['tolerances'][worst]:.2e} layout={result['layout']}"
     )
     return 0 if result["within_tolerance"] else 1
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 prints."""
+    import os
+
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _demo(argv: Sequence[str]) -> int:

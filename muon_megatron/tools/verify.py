@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -217,46 +218,6 @@ def _distributed_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig
     }
 
 
-class _ReferenceStepper:
-    """Drives `reference.Muon` from a world-1 Megatron DDP model like Megatron's mixed
-    precision does: grads come from `param.main_grad` (fp32); with bf16 params the
-    reference updates fp32 master copies, which are then copied into the model. Clipping
-    uses megatron-core's own norm and clip functions: torch's `clip_grad_norm_` rounds the
-    global norm differently, which Newton-Schulz amplifies."""
-
-    def __init__(self, named_params, make_reference, clip_grad: float) -> None:
-        self.model_params = [p for _, p in named_params]
-        # fp32 params are their own masters, so the fp32 path stays bitwise comparable.
-        self.masters = [
-            p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float().clone())
-            for p in self.model_params
-        ]
-        self.reference = make_reference([(n, m) for (n, _), m in zip(named_params, self.masters)])
-        self.clip_grad = clip_grad
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.model_params + self.masters:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self):
-        for p, master in zip(self.model_params, self.masters):
-            master.grad = p.main_grad.float().clone()
-        if self.clip_grad > 0:
-            from megatron.core.optimizer.clip_grads import (
-                clip_grad_by_total_norm_fp32,
-                get_grad_norm_fp32,
-            )
-
-            norm = get_grad_norm_fp32([m.grad for m in self.masters])
-            clip_grad_by_total_norm_fp32(self.masters, self.clip_grad, norm)
-        self.reference.step()
-        for p, master in zip(self.model_params, self.masters):
-            if p is not master:
-                p.copy_(master)
-        return True, None, None
-
-
 def _reference_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig, root: str):
     from muon_megatron.routing.rules import is_muon_param
     from muon_megatron.testing import tiny
@@ -305,6 +266,7 @@ def _train_reference(
 
     from muon_megatron.reference import ModelShape, Muon
     from muon_megatron.testing import tiny
+    from muon_megatron.tools.reference_stepper import ReferenceStepper
 
     named = [(n, p) for n, p in model[0].named_parameters() if p.requires_grad]
     shape = ModelShape.from_transformer_config(get_model_config(model[0]))
@@ -318,7 +280,7 @@ def _train_reference(
             model_shape=shape,
         )
 
-    stepper = _ReferenceStepper(named, make_reference, spec.clip_grad)
+    stepper = ReferenceStepper(named, make_reference, spec.clip_grad)
     losses = []
     for step in range(spec.steps):
         batch = tiny.global_batch(step, model_spec, spec.global_batch_size, spec.seed)
@@ -341,13 +303,47 @@ def family_diffs(errors: dict[str, tuple[str, float, float]]) -> dict[str, float
     return {family: _relative(e**0.5, r**0.5) for family, (e, r) in sums.items()}
 
 
-def run_verify(spec: VerifySpec, cfg: MuonConfig) -> dict:
-    """Run both phases (spawning processes over gloo here) and return the comparison."""
+def run_verify(spec: VerifySpec, cfg: MuonConfig, backend: str = "auto") -> dict:
+    """Run both phases and return the comparison (on every rank under torchrun).
+
+    Spawned gloo processes on this machine's CPUs; or, under torchrun, the torchrun job's
+    own ranks (NCCL on GPUs, `runtime.torchrun`), rank 0 then running the single-device
+    reference on its CPU from the distributed run's initial weights."""
+    from muon_megatron.runtime import torchrun
     from muon_megatron.runtime.launch import spawn
 
-    with tempfile.TemporaryDirectory(prefix="muon-verify-") as root:
-        dist_out = spawn(_distributed_worker, spec.world_size, spec, cfg, root)
-        ref_out = spawn(_reference_worker, 1, spec, cfg, root)[0]
+    if torchrun.under_torchrun():
+        with torchrun.torchrun_session(backend) as (rank, world, _):
+            if world != spec.world_size:
+                raise ValueError(
+                    f"layout {spec.layout_name()} needs {spec.world_size} ranks and torchrun "
+                    f"started {world}; use --nproc-per-node {spec.world_size} (or change "
+                    "--dp)."
+                )
+            # One directory every rank sees (one node; set TMPDIR to a shared one across
+            # nodes), made by rank 0.
+            root = torchrun.broadcast_object(
+                tempfile.mkdtemp(prefix="muon-verify-") if rank == 0 else None
+            )
+            dist_out = torchrun.all_gather_objects(
+                _distributed_worker(rank, world, spec, cfg, root)
+            )
+            torch.distributed.barrier()
+            ref_out = spawn(_reference_worker, 1, spec, cfg, root)[0] if rank == 0 else None
+            ref_out = torchrun.broadcast_object(ref_out)
+            if rank == 0:
+                shutil.rmtree(root, ignore_errors=True)
+    else:
+        torchrun.resolve_backend(backend)  # nccl on a machine without GPUs: refused here
+        if backend == "nccl":
+            raise ValueError(
+                "--backend nccl runs under torchrun (one process per GPU): "
+                f"torchrun --nproc-per-node {spec.world_size} -m muon_megatron.tools.cli "
+                "verify ... --backend nccl"
+            )
+        with tempfile.TemporaryDirectory(prefix="muon-verify-") as root:
+            dist_out = spawn(_distributed_worker, spec.world_size, spec, cfg, root)
+            ref_out = spawn(_reference_worker, 1, spec, cfg, root)[0]
     errors = ref_out["errors"]
     diffs = {name: _relative(err, ref) for name, (_, err, ref) in errors.items()}
     families = family_diffs(errors)
