@@ -45,6 +45,7 @@ from typing import Any
 
 from muon_megatron.tools.bench_config import (
     DEFAULT_MODEL,
+    LAYOUT_WORLDS,
     LAYOUTS,
     MCORE_MUON,
     OPTIMIZERS,
@@ -91,8 +92,12 @@ def mcore_muon_status() -> tuple[bool, str]:
     return mcore_muon.status()
 
 
-def run_bench(cfg: BenchConfig, timeout_s: float = 1800) -> dict[str, Any]:
-    """Run the benchmark; returns the summary (rows, checks) plus run information."""
+def run_bench(cfg: BenchConfig, timeout_s: float = 1800, backend: str = "auto") -> dict[str, Any]:
+    """Run the benchmark; returns the summary (rows, checks) plus run information.
+
+    Spawned gloo processes on this CPU, one launch per world size; or, under torchrun, the
+    job's own ranks (NCCL on GPUs, `runtime.torchrun`) for the layouts of its world size."""
+    from muon_megatron.runtime import torchrun
     from muon_megatron.runtime.launch import child_env_defaults, spawn
     from muon_megatron.tools.bench_rank import rank_main
 
@@ -109,19 +114,37 @@ def run_bench(cfg: BenchConfig, timeout_s: float = 1800) -> dict[str, Any]:
     t0 = time.perf_counter()
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
            "PYTHONWARNINGS": ",".join(_CPU_NOISE)}
-    with child_env_defaults(env):
-        # One launch per world size; each holds its layouts' optimizers side by side.
-        ranks_of: dict[str, list[dict[str, Any]]] = {}
-        for world in sorted({cfg.world_of(layout) for layout in cfg.layouts}):
-            per_rank = spawn(rank_main, world, cfg, timeout_s=timeout_s)
-            for key in per_rank[0]:
-                ranks_of[key] = [r[key] for r in per_rank]
+    ranks_of: dict[str, list[dict[str, Any]]] = {}
+    used_backend = "gloo"
+    if torchrun.under_torchrun():
+        with torchrun.torchrun_session(backend, timeout_s) as (rank, world, used_backend):
+            layouts = tuple(x for x in cfg.layouts if cfg.world_of(x) == world)
+            if not layouts:
+                raise ValueError(
+                    f"none of the layouts {list(cfg.layouts)} runs on {world} ranks; pick "
+                    f"--layouts of that world size ({LAYOUT_WORLDS}) or change --nproc-per-node."
+                )
+            cfg = dataclasses.replace(cfg, layouts=layouts)
+            launches = [torchrun.all_gather_objects(rank_main(rank, world, cfg))]
+    else:
+        torchrun.resolve_backend(backend)  # nccl on a machine without GPUs: refused here
+        if backend == "nccl":
+            raise ValueError("--backend nccl runs under torchrun (one process per GPU).")
+        with child_env_defaults(env):
+            # One launch per world size; each holds its layouts' optimizers side by side.
+            launches = [
+                spawn(rank_main, world, cfg, timeout_s=timeout_s)
+                for world in sorted({cfg.world_of(layout) for layout in cfg.layouts})
+            ]
+    for per_rank in launches:
+        for key in per_rank[0]:
+            ranks_of[key] = [r[key] for r in per_rank]
     result = summarize(cfg, ranks_of, mcore)
     result["config"] = asdict(cfg)
     result["mcore_muon"] = {"available": mcore[0], "why": mcore[1]}
     result["wall_seconds"] = time.perf_counter() - t0
     result["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(),
-                         "platform": platform.platform(), "backend": "gloo",
+                         "platform": platform.platform(), "backend": used_backend,
                          "mcore_matching": mcore_matching()}
     return result
 
@@ -142,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fp32-params", action="store_true",
                    help="fp32 model params (default: bf16 params with fp32 main params).")
     p.add_argument("--out", default=os.path.join("outputs", "bench.json"))
+    p.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
+                   help="Under torchrun: nccl (one GPU per rank), gloo, or auto.")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     from muon_megatron.testing.tiny import ModelSpec
 
@@ -157,7 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         layouts=tuple(args.layouts), optimizers=tuple(args.optimizers), steps=args.steps,
         warmup=args.warmup, model=model, num_experts=args.num_experts,
     )
-    result = run_bench(cfg)
+    result = run_bench(cfg, backend=args.backend)
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return 0
     print(f"> megatron-core Muon: {'runs' if result['mcore_muon']['available'] else 'left out'}:"
           f" {result['mcore_muon']['why']}")
     if result["mcore_muon"]["available"]:

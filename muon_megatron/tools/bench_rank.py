@@ -193,10 +193,12 @@ class _Runner:
         padded = mcore_muon.padded_all_gather() if self.name == MCORE_MUON else _nothing()
         with probe.installed(optimizer), padded:
             probe.reset()
+            _device_sync()
             torch.distributed.barrier()
             counter.start()
             t0 = time.perf_counter()
             optimizer.step()
+            _device_sync()  # a GPU step returns before its kernels finish
             dt = time.perf_counter() - t0
             records = counter.stop()
         if not measured:
@@ -225,6 +227,13 @@ class _Runner:
         state = _state_bytes(self.optimizer, self.static.pop("shards"), main_is_copy)
         return {**self.rec, "by_op": self.by_op, "state": state, "muon": self.static,
                 "transient": self.transient, "local_params": local_parameter_count(self.model)}
+
+
+def _device_sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 @contextlib.contextmanager
