@@ -57,6 +57,18 @@ def _topk_scaling_factor(text: str) -> float | str:
     return value
 
 
+FUSION_FLAGS = (
+    "no-bias-gelu-fusion",
+    "no-bias-swiglu-fusion",
+    "no-bias-dropout-fusion",
+    "no-masked-softmax-fusion",
+    "no-rope-fusion",
+    "no-gradient-accumulation-fusion",
+    "no-persist-layer-norm",
+)
+"""Megatron-LM's switches for its fused kernels, which it turns on by default on GPU."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of `examples/pretrain_moe.py` (Megatron-LM flag names)."""
     p = argparse.ArgumentParser(
@@ -153,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-shared-expert-gate", action="store_true",
                    help="A sigmoid gate on the shared experts' output (its [1, hidden] "
                    "weight stays on AdamW).")
+
+    g = p.add_argument_group("fused kernels (on GPU; the CPU runs the plain paths)")
+    for flag in FUSION_FLAGS:
+        g.add_argument(f"--{flag}", action="store_true", help="As in Megatron-LM.")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=2)

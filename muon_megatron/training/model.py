@@ -43,6 +43,7 @@ from muon_megatron.training.moonlight import gate_scaling_factor
 __all__ = [
     "PARAMS_DTYPES",
     "device",
+    "fusions",
     "initialize_parallel",
     "transformer_config",
     "build_model",
@@ -95,8 +96,7 @@ def _use_transformer_engine(args: argparse.Namespace) -> bool:
 
 
 def transformer_config(args: argparse.Namespace) -> TransformerConfig:
-    """megatron-core's `TransformerConfig` for the arguments (fused CUDA kernels off: the
-    plain paths compute the same and run everywhere)."""
+    """megatron-core's `TransformerConfig` for the arguments (fused kernels: `fusions`)."""
     dims = model_dims(args)
     dtype = PARAMS_DTYPES[args.bf16]
     extra: dict[str, Any] = {}
@@ -162,15 +162,48 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         bf16=args.bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
+        **fusions(args, cuda=torch.cuda.is_available()),
         **extra,
     )
+
+
+def fusions(args: argparse.Namespace, *, cuda: bool) -> dict[str, bool]:
+    """TransformerConfig's fused-kernel switches as Megatron-LM sets them: on GPU each is on
+    unless its `--no-*` flag says otherwise (rope fusion, gradient-accumulation fusion and
+    persistent layer norm also need the extension that provides them: TE, apex's
+    fused_weight_gradient_mlp_cuda, apex); on the CPU all are off, where the plain paths
+    compute the same thing."""
+    if not cuda:
+        return dict.fromkeys(_FUSION_FIELDS, False)
+    swiglu = args.swiglu
+    return {
+        "bias_activation_fusion": not (
+            args.no_bias_swiglu_fusion if swiglu else args.no_bias_gelu_fusion
+        ),
+        "bias_dropout_fusion": not args.no_bias_dropout_fusion,
+        "masked_softmax_fusion": not args.no_masked_softmax_fusion,
+        "apply_rope_fusion": not args.no_rope_fusion and _importable("transformer_engine"),
+        "gradient_accumulation_fusion": not args.no_gradient_accumulation_fusion
+        and _importable("fused_weight_gradient_mlp_cuda"),
+        "persist_layer_norm": not args.no_persist_layer_norm and _importable("apex"),
+    }
+
+
+_FUSION_FIELDS = (
+    "bias_activation_fusion",
+    "bias_dropout_fusion",
+    "masked_softmax_fusion",
+    "apply_rope_fusion",
+    "gradient_accumulation_fusion",
+    "persist_layer_norm",
+)
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _topk_scaling_factor(args: argparse.Namespace) -> float:

@@ -149,3 +149,23 @@ def test_docs_flags_table_matches_the_dataclass() -> None:
     assert begin in text and end in text, "docs/flags.md lost its table markers"
     embedded = text.split(begin, 1)[1].split(end, 1)[0]
     assert embedded == flags_markdown_table()
+
+
+def test_fused_kernels_follow_megatron_lm_on_gpu_and_are_off_on_cpu() -> None:
+    from muon_megatron.training.args import build_parser
+    from muon_megatron.training.model import fusions
+
+    args = build_parser().parse_args(["--swiglu"])
+    assert not any(fusions(args, cuda=False).values())
+    on_gpu = fusions(args, cuda=True)
+    assert on_gpu["bias_activation_fusion"] and on_gpu["bias_dropout_fusion"]
+    assert on_gpu["masked_softmax_fusion"]
+    off = build_parser().parse_args(
+        ["--swiglu", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion",
+         "--no-masked-softmax-fusion", "--no-rope-fusion", "--no-gradient-accumulation-fusion",
+         "--no-persist-layer-norm"]
+    )
+    assert not any(fusions(off, cuda=True).values())
+    # The gelu switch governs a gelu MLP only.
+    gelu = build_parser().parse_args(["--no-bias-swiglu-fusion"])
+    assert fusions(gelu, cuda=True)["bias_activation_fusion"]
