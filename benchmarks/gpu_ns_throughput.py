@@ -1,18 +1,22 @@
-"""GPU figures of issue 7: Newton-Schulz throughput against the measured matmul peak, and the
-Muon / AdamW optimizer step-time ratio of a ~1B-parameter GPT on one GPU.
+"""GPU figures of issues 7 and 13: Newton-Schulz throughput against the measured bf16 matmul
+peak, and the optimizer's share of iteration time of a ~1B-parameter GPT, on 1 to 8 GPUs.
 
 Needs CUDA; on a machine without it the script refuses with a message and exit code 2
-(`--cpu-dry-run` runs the same code at toy sizes on CPU to check it, and measures nothing).
+(`--cpu-dry-run` runs the same code at toy sizes on CPU over gloo to check it, and measures
+nothing).
 
-    python benchmarks/gpu_ns_throughput.py --out outputs/gpu.json
+    python benchmarks/gpu_ns_throughput.py --out outputs/gpu.json                 # 1 GPU
+    torchrun --nproc-per-node 8 benchmarks/gpu_ns_throughput.py --out outputs/gpu8.json
 
 1. Newton-Schulz (`muon_megatron.ops.newton_schulz.newton_schulz`, 5 quintic steps, bf16) on
-   n x n and n x 4n matrices for n = 1024 ... 8192; FLOPs from `ns_flops`; throughput against
-   the best bf16 `torch.matmul` of the same sizes (the peak this GPU reaches in practice).
-2. A ~1B GPT (megatron-core local layers, bf16 params / fp32 main params, one process,
-   ZeRO-1 optimizer over a data-parallel group of 1): median `optimizer.step()` time over
-   20 steps after 3 warm-up steps, for `get_muon_optimizer` (bf16 NS) and megatron-core's
-   AdamW, each on real gradients of the same batches.
+   n x n and n x 4n matrices for n = 1024 ... 8192, on rank 0; FLOPs from `ns_flops`;
+   throughput against the best bf16 `torch.matmul` of the same sizes (the peak this GPU
+   reaches in practice).
+2. A ~1B GPT (megatron-core local layers, bf16 params / fp32 main params) data parallel over
+   every rank (NCCL, ZeRO-1): median `optimizer.step()` time and median iteration time
+   (zero_grad, forward, backward, step) over 20 steps after 3 warm-up steps, slowest rank,
+   for `get_muon_optimizer` (bf16 NS) and megatron-core's AdamW, on the same batches; the
+   optimizer's share of the iteration and Muon / AdamW.
 """
 
 from __future__ import annotations
@@ -79,28 +83,60 @@ def ns_throughput(sizes: Sequence[int], repeats: int, device: torch.device) -> l
     return rows
 
 
-def _init_single_process() -> None:
+def _init_process_group() -> None:
+    """torchrun's job (one process per GPU), or a single process."""
     if torch.distributed.is_initialized():
+        return
+    from muon_megatron.runtime import torchrun
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torchrun.under_torchrun():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        else:
+            from muon_megatron.runtime.cpu_shims import install_cpu_shims
+
+            install_cpu_shims()
+        torch.distributed.init_process_group(backend)
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
-    backend = "gloo"
-    if torch.cuda.is_available():
+    if backend == "nccl":
         torch.cuda.set_device(0)
-        backend = "nccl"
+    else:
+        from muon_megatron.runtime.cpu_shims import install_cpu_shims
+
+        install_cpu_shims()
     torch.distributed.init_process_group(backend, rank=0, world_size=1)
 
 
-def step_time_ratio(spec_kwargs: dict, steps: int, warmup: int, gbs: int, mbs: int) -> dict:
-    """Median optimizer.step() ms of Muon and AdamW on one device, same model and batches."""
+def _slowest(ms: float) -> float:
+    """The largest of every rank's `ms`."""
+    t = torch.tensor([ms], dtype=torch.float64)
+    if torch.cuda.is_available():
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step_time_ratio(spec_kwargs: dict, steps: int, warmup: int, mbs: int) -> dict:
+    """Median optimizer.step() and iteration ms of Muon and AdamW, data parallel over every
+    rank (slowest rank), same model and batches."""
     from muon_megatron.config import MuonConfig
     from muon_megatron.testing import tiny
     from muon_megatron.training.model import local_parameter_count
 
-    _init_single_process()
+    world = torch.distributed.get_world_size()
+    gbs = 4 * mbs * world
     spec = tiny.ModelSpec(bf16=True, **spec_kwargs)
     layout = tiny.Layout()
-    out: dict[str, Any] = {"spec": spec_kwargs}
+    out: dict[str, Any] = {"spec": spec_kwargs, "world": world, "global_batch": gbs}
     for name in ("adamw", "muon"):
         tiny.initialize_parallel(layout, seed=1234)
         model = tiny.build_model(spec, layout)  # on the current CUDA device
@@ -108,22 +144,30 @@ def step_time_ratio(spec_kwargs: dict, steps: int, warmup: int, gbs: int, mbs: i
         config = tiny.optimizer_config(lr=1e-4, weight_decay=0.1, bf16=True)
         muon_config = MuonConfig(muon_ns_dtype="bf16") if name == "muon" else None
         optimizer = tiny.build_optimizer(model, config, muon_config)
-        times = []
+        step_ms, iter_ms = [], []
         for step in range(warmup + steps):
             batch = tiny.global_batch(step, spec, gbs, seed=1234)
+            _sync()
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
             optimizer.zero_grad()
             tiny.forward_backward(model, batch, spec, mbs)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            _sync()
+            t1 = time.perf_counter()
             optimizer.step()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            _sync()
+            t2 = time.perf_counter()
             if step >= warmup:
-                times.append(1e3 * (time.perf_counter() - t0))
-        out[f"{name}_step_ms"] = statistics.median(times)
-        print(f"  {name}: optimizer.step() median {out[f'{name}_step_ms']:.1f} ms "
-              f"({out['parameters'] / 1e9:.2f} B params)", flush=True)
+                step_ms.append(1e3 * (t2 - t1))
+                iter_ms.append(1e3 * (t2 - t0))
+        out[f"{name}_step_ms"] = _slowest(statistics.median(step_ms))
+        out[f"{name}_iteration_ms"] = _slowest(statistics.median(iter_ms))
+        out[f"{name}_optimizer_share"] = out[f"{name}_step_ms"] / out[f"{name}_iteration_ms"]
+        if torch.distributed.get_rank() == 0:
+            print(f"  {name}: optimizer.step() {out[f'{name}_step_ms']:.1f} ms of a "
+                  f"{out[f'{name}_iteration_ms']:.1f} ms iteration "
+                  f"({out[f'{name}_optimizer_share']:.1%}), {out['parameters'] / 1e9:.2f} B "
+                  f"params, {world} rank(s)", flush=True)
         del optimizer, model
         gc.collect()
         if torch.cuda.is_available():
@@ -153,24 +197,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(CPU_REFUSAL.format(version=torch.__version__), file=sys.stderr)
         return 2
     dry = not torch.cuda.is_available()
-    device = torch.device("cuda" if not dry else "cpu")
+    _init_process_group()
+    rank = torch.distributed.get_rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if not dry else torch.device("cpu")
     result: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name() if not dry else "cpu (dry run, not a measurement)",
         "torch": torch.__version__,
+        "world": torch.distributed.get_world_size(),
     }
-    print(f"> {result['device']}, torch {torch.__version__}", flush=True)
-    sizes = [64, 128] if dry else args.sizes
-    result["newton_schulz"] = ns_throughput(sizes, 2 if dry else args.repeats, device)
+    if rank == 0:
+        print(f"> {result['device']} x {result['world']}, torch {torch.__version__}", flush=True)
+        sizes = [64, 128] if dry else args.sizes
+        result["newton_schulz"] = ns_throughput(sizes, 2 if dry else args.repeats, device)
     if not args.skip_model:
-        spec, gbs = (DRY_RUN, 2) if dry else (ONE_B, 8)
+        spec = DRY_RUN if dry else ONE_B
         result["step_time"] = step_time_ratio(spec, 2 if dry else args.steps, 1 if dry else 3,
-                                              gbs=gbs, mbs=1 if dry else 2)
-        print(f"> Muon / AdamW optimizer step time: {result['step_time']['muon_over_adamw']:.2f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=1)
-    print(f"> json: {args.out}")
+                                              mbs=1 if dry else 2)
+        if rank == 0:
+            print(f"> Muon / AdamW optimizer step time: "
+                  f"{result['step_time']['muon_over_adamw']:.2f}")
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=1)
+        print(f"> json: {args.out}")
+    torch.distributed.destroy_process_group()
     return 0
 
 
