@@ -19,7 +19,8 @@ from torch.optim.adamw import adamw as _torch_adamw
 from muon_megatron.config import MuonConfig
 from muon_megatron.ops.newton_schulz import newton_schulz
 from muon_megatron.ops.update import apply_update_, momentum_update_, nesterov_input, update_scale
-from muon_megatron.routing.rules import is_muon_param, param_kind, require_matrix
+from muon_megatron.routing.rules import muon_param_rule, param_kind, require_matrix
+from muon_megatron.routing.weight_decay import megatron_no_weight_decay, no_weight_decay_rule
 from muon_megatron.routing.splits import (
     MatrixSplit,
     ModelShape,
@@ -30,11 +31,6 @@ from muon_megatron.routing.splits import (
 
 # ModelShape lives in routing (it is what matrix_split needs); re-exported for callers.
 __all__ = ["ModelShape", "Muon", "megatron_no_weight_decay"]
-
-
-def megatron_no_weight_decay(name: str, param: Tensor) -> bool:
-    """Megatron's default weight-decay skip (`get_standard_config_overrides`)."""
-    return param.ndim == 1 or name.endswith(".bias")
 
 
 class Muon(torch.optim.Optimizer):
@@ -73,14 +69,17 @@ class Muon(torch.optim.Optimizer):
         eps: float = 1e-8,
         muon_config: MuonConfig | None = None,
         model_shape: ModelShape | None = None,
-        is_muon: Callable[[str, Tensor], bool] = is_muon_param,
-        no_weight_decay: Callable[[str, Tensor], bool] = megatron_no_weight_decay,
+        is_muon: Callable[[str, Tensor], bool] | None = None,
+        no_weight_decay: Callable[[str, Tensor], bool] | None = None,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"lr={lr} is negative; pass a learning rate >= 0.")
         if weight_decay < 0.0:
             raise ValueError(f"weight_decay={weight_decay} is negative; pass a value >= 0.")
         self.muon_config = muon_config if muon_config is not None else MuonConfig()
+        # The distributed optimizer's defaults: the router flag and norm-gamma decay.
+        is_muon = is_muon or muon_param_rule(self.muon_config)
+        no_weight_decay = no_weight_decay or no_weight_decay_rule(self.muon_config)
         self.model_shape = model_shape
         self._splits: dict[str, MatrixSplit] = {}
         groups: dict[tuple[bool, bool], dict[str, Any]] = {

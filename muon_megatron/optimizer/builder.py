@@ -20,7 +20,8 @@ import torch
 from muon_megatron.config import MuonConfig
 from muon_megatron.optimizer.distributed import MuonDistributedOptimizer
 from muon_megatron.optimizer.nonfinite import check_once_per_step
-from muon_megatron.routing.rules import is_muon_param
+from muon_megatron.routing.rules import muon_param_rule
+from muon_megatron.routing.weight_decay import weight_decay_overrides
 
 __all__ = [
     "get_muon_optimizer",
@@ -84,11 +85,13 @@ def get_muon_optimizer(
     use_gloo_process_groups: bool = True,
     pg_collection=None,
     *,
-    is_muon: Callable[[str, torch.Tensor], bool] = is_muon_param,
+    is_muon: Callable[[str, torch.Tensor], bool] | None = None,
     **megatron_kw,
 ):
     """Megatron optimizer with Muon for 2-D hidden weights (same arguments as
-    `megatron.core.optimizer.get_megatron_optimizer`, plus `muon_config` and `is_muon`).
+    `megatron.core.optimizer.get_megatron_optimizer`, plus `muon_config` and `is_muon`;
+    `is_muon` defaults to `routing.rules.muon_param_rule(muon_config)`, and
+    `muon_norm_weight_decay` sets the weight-decay `config_overrides`).
 
     `megatron_kw`: the installed megatron-core's other keyword arguments (0.19's
     `dump_param_to_param_group_map`, say), passed on where its `get_megatron_optimizer` takes
@@ -114,10 +117,22 @@ def get_muon_optimizer(
         raise ValueError(
             "num_distributed_optimizer_instances > 1 is not supported with Muon; use 1."
         )
+    muon_config = muon_config or MuonConfig()
+    if is_muon is None:
+        is_muon = muon_param_rule(muon_config)  # --muon-router-optimizer
+    if muon_config.muon_norm_weight_decay:
+        if config_overrides is not None:
+            raise ValueError(
+                "muon_norm_weight_decay=True (--muon-norm-weight-decay) with config_overrides "
+                "of your own: the flag sets the weight-decay overrides itself; fold norm-gamma "
+                "decay into your overrides (routing.weight_decay.weight_decay_overrides shows "
+                "how) or drop the flag."
+            )
+        config_overrides = weight_decay_overrides(config, muon_config)
     adam_config = dataclasses.replace(config, optimizer="adam")
     factory = functools.partial(
         MuonDistributedOptimizer,
-        muon_config=muon_config or MuonConfig(),
+        muon_config=muon_config,
         is_muon=is_muon,
         pg_collection=pg_collection,
     )

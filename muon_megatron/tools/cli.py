@@ -31,6 +31,11 @@ def verify_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="bf16 params, fp32 main params")
     parser.add_argument(
+        "--mla",
+        action="store_true",
+        help="Multi-latent attention (Moonlight's): q LoRA, kv latent, k-rope, latent norms.",
+    )
+    parser.add_argument(
         "--backend",
         choices=BACKENDS,
         default="auto",
@@ -41,6 +46,19 @@ def verify_parser() -> argparse.ArgumentParser:
     # The check is tight in fp32; `--muon-ns-dtype bf16` checks the bf16 path.
     parser.set_defaults(muon_ns_dtype="fp32")
     return parser
+
+
+MLA_MODEL = {
+    "multi_latent_attention": True,
+    "q_lora_rank": 24,
+    "kv_lora_rank": 16,
+    "qk_head_dim": 16,
+    "qk_pos_emb_head_dim": 8,
+    "v_head_dim": 16,
+    "qk_layernorm": True,
+    "num_query_groups": 4,
+}
+"""`verify --mla`: the tiny model's MLA (4 heads, a q LoRA and latent norms)."""
 
 
 def _verify(argv: Sequence[str]) -> int:
@@ -61,6 +79,7 @@ def _verify(argv: Sequence[str]) -> int:
         moe_token_dispatcher_type=args.dispatcher,
         moe_grouped_gemm=args.grouped_gemm,
         bf16=args.bf16,
+        **(MLA_MODEL if args.mla else {}),
     )
     spec = VerifySpec(layout=layout, dp=args.dp, model=model, steps=args.steps)
     result = run_verify(spec, cfg, backend=args.backend)

@@ -219,9 +219,10 @@ def _distributed_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig
 
 
 def _reference_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig, root: str):
-    from muon_megatron.routing.rules import is_muon_param
+    from muon_megatron.routing.rules import muon_param_rule
     from muon_megatron.testing import tiny
 
+    is_muon = muon_param_rule(cfg)
     layout, model_spec = _tiny().Layout(), spec.model_spec()
     tiny.initialize_parallel(layout, spec.seed)
     model = tiny.build_model(model_spec, layout)
@@ -243,7 +244,7 @@ def _reference_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig, 
     dist_final = {n: p.detach().float().clone() for n, p in model[0].named_parameters()}
     errors, noise = {}, {}
     for name, w0 in init.items():
-        family = "muon" if is_muon_param(name, w0) else "adamw"
+        family = "muon" if is_muon(name, w0) else "adamw"
         d_ref = ref_final[name] - w0
         errors[name] = (family, (dist_final[name] - w0 - d_ref).norm().item(), d_ref.norm().item())
         noise[name] = (family, (noise_final[name] - w0 - d_ref).norm().item(), d_ref.norm().item())
