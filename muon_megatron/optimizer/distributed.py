@@ -213,17 +213,20 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
             logical = combine_tp_pieces(pieces, m.split)
             self.ns_counts.update((m.name, j) for j in range(len(logical)))
             jobs.extend(logical)
+        order = list(owned)
+        owned.clear()  # the logical matrices are copies: the wire-side flats can go now
         if not jobs:
             return {}
         self.metrics.timer.begin()
         results = self._newton_schulz_batched(jobs)
         self.metrics.timer.end()
+        del jobs
         torch._foreach_mul_(results, bucket.owned_scales)
         self.metrics.add(
             bucket.owned_job_index, torch.stack(torch._foreach_norm(results)).square()
         )
         updates, offset = {}, 0
-        for index in owned:
+        for index in order:
             m = self._matrices[index]
             count = len(m.split.logical_shapes())
             matrices, offset = results[offset : offset + count], offset + count
