@@ -1,6 +1,6 @@
 """One bucket of Muon matrices as this rank sees it: what it sends, receives and keeps.
 
-A bucket is a run of consecutive matrices (`plan.make_buckets`), communicated by one
+A bucket is a set of matrices balanced across owners (`plan.make_buckets`), communicated by one
 all-to-all each way over the grid. Everything here is fixed by the plan, so it is worked
 out once, at construction: the sizes this rank receives from each grid member, and the
 matrix index and update scale of each Newton-Schulz job of the matrices it owns. During

@@ -3,7 +3,7 @@
 Built once, at construction, from the DistributedOptimizer's own buffers: for every Muon
 parameter its `MatrixSplit` (routing.splits), the flat range of the TP-local tensor each DP
 rank holds (mirroring Megatron's grad-buffer ranges), its Newton-Schulz cost and the grid
-member that owns it (ownership.assign_owners); then consecutive matrices in buckets.
+member that owns it (ownership.assign_owners); then buckets balanced across owners.
 """
 
 from __future__ import annotations
@@ -121,11 +121,30 @@ def _dp_ranges(opt: DistributedOptimizer, buffer, param) -> list[tuple[int, int]
 
 
 def make_buckets(matrices: list[MuonMatrix], bucket_mb: float) -> list[list[MuonMatrix]]:
-    """Consecutive matrices in buckets of about `bucket_mb` MiB of fp32 (one all-to-all
-    each way per bucket)."""
+    """Buckets of about `bucket_mb` MiB of fp32 (one all-to-all each way per bucket), each
+    with about the same Newton-Schulz work per owner.
+
+    Owners follow locality (`ownership`): under data parallelism a rank owns the matrices
+    in its own contiguous range of the grad buffer, so buckets of consecutive matrices would
+    each be one rank's work, and the pipeline would run the ranks one after the other. The
+    matrices are taken instead from each owner in turn, the owner with the least work taken
+    so far first (ties: the lowest grid rank), so that every bucket is balanced like the
+    whole step. The order depends on the plan only: every rank forms the same buckets."""
+    by_owner: dict[int, list[MuonMatrix]] = {}
+    for m in matrices:
+        by_owner.setdefault(m.owner, []).append(m)
+    taken = {owner: 0.0 for owner in by_owner}
+    order: list[MuonMatrix] = []
+    while by_owner:
+        owner = min(by_owner, key=lambda o: (taken[o], o))
+        m = by_owner[owner].pop(0)
+        if not by_owner[owner]:
+            del by_owner[owner]
+        taken[owner] += m.cost
+        order.append(m)
     limit = bucket_mb * 2**20 / 4
     buckets, current, size = [], [], 0
-    for m in matrices:
+    for m in order:
         numel = m.param.numel() * m.split.tp_size
         if current and size + numel > limit:
             buckets.append(current)

@@ -86,7 +86,6 @@ def test_l2_weight_decay_is_refused_for_muon() -> None:
 
 def _wd_groups(rank: int, world_size: int, norm_wd: bool) -> dict[str, float]:
     from muon_megatron.optimizer.builder import get_muon_optimizer
-    from muon_megatron.routing.weight_decay import weight_decay_overrides
     from muon_megatron.testing import tiny
 
     layout = tiny.Layout()
@@ -94,9 +93,7 @@ def _wd_groups(rank: int, world_size: int, norm_wd: bool) -> dict[str, float]:
     model = tiny.build_model(tiny.ModelSpec(), layout)
     config = tiny.optimizer_config(optimizer="muon")
     cfg = MuonConfig(muon_norm_weight_decay=norm_wd)
-    opt = get_muon_optimizer(
-        config, model, cfg, config_overrides=weight_decay_overrides(config, cfg)
-    )
+    opt = get_muon_optimizer(config, model, cfg)  # the flag sets the overrides itself
     names = {p: n for n, p in model[0].named_parameters()}
     out: dict[str, float] = {}
     for member in opt.chained_optimizers:
@@ -118,3 +115,20 @@ def test_norm_weight_decay_reaches_megatron_param_groups() -> None:
     assert all(default[n] == 0.0 and moonlight[n] == 1.0 for n in gammas)
     matrices = [n for n in default if n.endswith("linear_fc1.weight")]
     assert all(default[n] == moonlight[n] == 1.0 for n in matrices)
+
+
+def test_norm_weight_decay_refuses_overrides_of_your_own() -> None:
+    from muon_megatron.runtime.launch import spawn
+
+    with pytest.raises(RuntimeError, match="config_overrides of your own"):
+        spawn(_own_overrides, 1)
+
+
+def _own_overrides(rank: int, world_size: int) -> None:
+    from muon_megatron.optimizer.builder import get_muon_optimizer
+    from muon_megatron.testing import tiny
+
+    tiny.initialize_parallel(tiny.Layout(), 0)
+    model = tiny.build_model(tiny.ModelSpec(), tiny.Layout())
+    get_muon_optimizer(tiny.optimizer_config(optimizer="muon"), model,
+                       MuonConfig(muon_norm_weight_decay=True), config_overrides={})
