@@ -206,6 +206,12 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def local_mla_refuses_kv_norm_alone() -> bool:
+    """Whether this megatron-core's MLA refuses a q norm without a q LoRA (0.19's
+    `mla_qk_norm_config`; 0.16.1 leaves it unused and normalizes the kv latent)."""
+    return _importable("megatron.core.transformer.mla_qk_norm_config")
+
+
 def _topk_scaling_factor(args: argparse.Namespace) -> float:
     factor = args.moe_router_topk_scaling_factor
     if factor == "moonlight":
@@ -246,6 +252,14 @@ def build_model(
     )
     if args.multi_latent_attention and not use_te:
         use_local_mla_attention(block_spec)
+        if args.qk_layernorm and args.q_lora_rank is None and local_mla_refuses_kv_norm_alone():
+            raise ValueError(
+                "--qk-layernorm with --multi-latent-attention and no --q-lora-rank: this "
+                "megatron-core's local MLA spec refuses it (mla_qk_norm_config: the q norm "
+                "has no q latent), and so cannot normalize the kv latent alone as Moonlight "
+                "does; use Transformer Engine's spec, megatron-core 0.16.1, or add "
+                "--q-lora-rank."
+            )
     building = te_stand_ins_off() if args.multi_latent_attention else contextlib.nullcontext()
     with building:
         model: torch.nn.Module = GPTModel(

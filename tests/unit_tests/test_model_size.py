@@ -59,7 +59,15 @@ MLA_FLAGS = [
 
 @pytest.mark.parametrize("q_lora", [[], ["--q-lora-rank", "12"]], ids=["q_proj", "q_lora"])
 def test_mla_count_matches_a_built_single_rank_model(q_lora: list[str]) -> None:
+    from muon_megatron.training.model import local_mla_refuses_kv_norm_alone
+
     flags = MLA_FLAGS + q_lora
+    if not q_lora and local_mla_refuses_kv_norm_alone():
+        # megatron-core 0.19's local MLA refuses a kv-latent norm without a q LoRA: the
+        # model builder says so before megatron does, naming the ways out.
+        with pytest.raises(RuntimeError, match="no --q-lora-rank: this megatron-core"):
+            spawn(_built_count, 1, flags)
+        return
     built = spawn(_built_count, 1, flags)[0]
     assert count_parameters(build_parser().parse_args(flags)).total == built
 
