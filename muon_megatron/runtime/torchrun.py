@@ -23,8 +23,8 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-__all__ = ["BACKENDS", "Backend", "under_torchrun", "resolve_backend", "torchrun_session",
-           "all_gather_objects", "broadcast_object"]
+__all__ = ["BACKENDS", "Backend", "under_torchrun", "launcher_rank", "resolve_backend",
+           "torchrun_session", "all_gather_objects", "broadcast_object"]
 
 Backend = Literal["auto", "nccl", "gloo"]
 BACKENDS: tuple[str, ...] = ("auto", "nccl", "gloo")
@@ -35,6 +35,11 @@ def under_torchrun() -> bool:
     """Whether this process was started by torchrun (or another launcher that sets its
     environment variables)."""
     return all(os.environ.get(k) for k in _TORCHRUN_ENV)
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher set it (0 without torchrun): who prints."""
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def resolve_backend(backend: str) -> str:

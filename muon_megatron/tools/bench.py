@@ -183,7 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup, model=model, num_experts=args.num_experts,
     )
     result = run_bench(cfg, backend=args.backend)
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    from muon_megatron.runtime.torchrun import launcher_rank
+
+    if launcher_rank() != 0:
         return 0
     print(f"> megatron-core Muon: {'runs' if result['mcore_muon']['available'] else 'left out'}:"
           f" {result['mcore_muon']['why']}")

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from muon_megatron.megatron_lm.arguments import add_muon_config_args, muon_config_from_args
-from muon_megatron.runtime.torchrun import BACKENDS
+from muon_megatron.runtime.torchrun import BACKENDS, launcher_rank
 
 __all__ = ["add_muon_config_args", "main", "verify_parser"]
 
@@ -83,7 +83,7 @@ def _verify(argv: Sequence[str]) -> int:
     )
     spec = VerifySpec(layout=layout, dp=args.dp, model=model, steps=args.steps)
     result = run_verify(spec, cfg, backend=args.backend)
-    if _rank() != 0:
+    if launcher_rank() != 0:  # under torchrun, rank 0 reports
         return 0 if result["within_tolerance"] else 1
     for name, diff in sorted(result["diffs"].items()):
         print(f"  {name:70s} rel_diff={diff:.3e}")
@@ -104,13 +104,6 @@ def _verify(argv: Sequence[str]) -> int:
         f"tolerance={result['tolerances'][worst]:.2e} layout={result['layout']}"
     )
     return 0 if result["within_tolerance"] else 1
-
-
-def _rank() -> int:
-    """This process's rank under torchrun (0 otherwise): only rank 0 prints."""
-    import os
-
-    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _demo(argv: Sequence[str]) -> int:
