@@ -35,7 +35,7 @@ from megatron.core.transformer.enums import AttnMaskType
 
 from muon_megatron.optimizer import qk_clip as clip_math
 
-__all__ = ["QKClip", "QKClipStats", "record_max_logits"]
+__all__ = ["QKClip", "QKClipStats", "qk_clip_from_args", "record_max_logits"]
 
 
 @dataclass
@@ -175,12 +175,16 @@ class QKClip:
         group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         return cls(model_chunks, threshold=threshold, alpha=alpha, dp_cp_group=group, clip=clip)
 
+    def reset(self) -> None:
+        """Forget what was recorded (evaluation forwards, say) since the last `apply`."""
+        for layer in self.layers:
+            layer.core_attention.qk_clip_max_logits = None
+
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        for layer in self.layers:
-            layer.core_attention.qk_clip_max_logits = None
+        self.reset()
 
     def max_logits(self) -> list[torch.Tensor]:
         """Every layer's per-head max logit over the global batch (this TP rank's heads);
@@ -235,3 +239,14 @@ class QKClip:
         if not torch.distributed.is_initialized():
             return 1
         return torch.distributed.get_world_size(group)
+
+
+def qk_clip_from_args(args, model_chunks) -> QKClip | None:
+    """The training entry's QK-Clip: --qk-clip clips (and logs), --log-max-attention-logit
+    alone only logs; None when neither is set (nothing hooked: today's run, bit for bit)."""
+    if not (args.qk_clip or args.log_max_attention_logit):
+        return None
+    return QKClip.for_model(
+        model_chunks, threshold=args.qk_clip_threshold, alpha=args.qk_clip_alpha,
+        clip=args.qk_clip,
+    )
