@@ -75,7 +75,10 @@ def test_qk_clip_off_is_bitwise_todays_run() -> None:
     assert never["diffs"] == off["diffs"]
 
 
-def _effect(rank: int, world: int, model_spec: tiny.ModelSpec, layout: tiny.Layout, tau: float):
+def _effect(
+    rank: int, world: int, model_spec: tiny.ModelSpec, layout: tiny.Layout, tau: float,
+    second_step: bool = False,
+):
     from megatron.core import parallel_state
 
     from muon_megatron.training import step
@@ -84,7 +87,9 @@ def _effect(rank: int, world: int, model_spec: tiny.ModelSpec, layout: tiny.Layo
     tiny.initialize_parallel(layout, 1234)
     model = tiny.build_model(model_spec, layout)
     optimizer = tiny.build_optimizer(
-        model, tiny.optimizer_config(lr=0.0, weight_decay=0.0, clip_grad=0.0), FP32
+        model,
+        tiny.optimizer_config(lr=0.0, weight_decay=0.0, clip_grad=0.0, bf16=model_spec.bf16),
+        FP32,
     )
     clip = QKClip.for_model(model, threshold=tau, alpha=ALPHA)
     batch = tiny.global_batch(0, model_spec, 8, 1234)
@@ -93,6 +98,9 @@ def _effect(rank: int, world: int, model_spec: tiny.ModelSpec, layout: tiny.Layo
     unchanged = all(torch.equal(before[n], p) for n, p in model[0].named_parameters())
     s_before = [s.clone() for s in clip.max_logits()]
     stats = clip.apply(optimizer)
+    if second_step:  # Megatron copies the fp32 main shards into the (bf16) model params
+        tiny.train_step(model, optimizer, batch, model_spec, layout, 2)
+        clip.reset()
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     local = batch["tokens"].shape[0] // dp
     rows = {k: v[dp_rank * local : (dp_rank + 1) * local] for k, v in batch.items()}
@@ -147,3 +155,56 @@ def test_after_the_clip_every_head_is_at_most_tau(kind: str, num_layers: int) ->
             if kind == "mla":  # a head below tau keeps its weights
                 torch.testing.assert_close(after_H[untouched], before_H[untouched], rtol=1e-6,
                                            atol=0)
+
+
+# bf16 params: the logits are computed from bf16 q and k (3 significant digits).
+BF16_LOGIT_RTOL = 2e-2
+
+
+def test_bf16_main_shards_are_clipped_too() -> None:
+    """bf16 params, TP2 x DP2, one layer, lr = 0: the fp32 main shards are separate from
+    the model params, and the second optimizer step overwrites the model params with them.
+    The clip survives that step (every head at most tau to bf16 round-off, the heads that
+    set a clip at tau): the shards were rescaled, each by its flat slice of the factors. A
+    shard left unclipped would bring its heads back to their pre-clip max, 2 tau or more."""
+    model_spec = tiny.ModelSpec(num_layers=1, bf16=True)
+    tau = GQA_TAU / 4
+    out = spawn(_effect, 4, model_spec, tiny.Layout(tp=2), tau, True)
+    for _, stats, s_before, s_after in out:
+        assert stats.clipped_heads > 0
+        before_H, after_H = s_before[0], s_after[0]
+        assert (before_H > 2 * tau).any()
+        assert (after_H <= tau * (1 + BF16_LOGIT_RTOL)).all(), (before_H, after_H)
+        grouped = before_H.view(-1, model_spec.num_attention_heads // model_spec.num_query_groups)
+        top = (grouped == grouped.max(dim=1, keepdim=True).values) & (grouped > tau)
+        setters = after_H[top.view(-1)]
+        torch.testing.assert_close(setters, torch.full_like(setters, tau),
+                                   rtol=BF16_LOGIT_RTOL, atol=0)
+
+
+def test_training_entry_clips_and_logs_the_max_logit(tmp_path) -> None:
+    """`examples/pretrain_moe.py --qk-clip` at TP2 x DP2 (MoE EP2, the demo's layout): the
+    max logit and the clipped heads are in every log line and JSON record, and the clip
+    fires at a small threshold; the same run with --log-max-attention-logit only logs."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    from muon_megatron.training.demo import DEMO_FLAGS
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for flag in ("--qk-clip", "--log-max-attention-logit"):
+        out = tmp_path / flag.strip("-")
+        cmd = [sys.executable, "examples/pretrain_moe.py", *DEMO_FLAGS, "--optimizer", "muon",
+               "--train-iters", "3", "--log-interval", "1", "--eval-interval", "0",
+               "--output-dir", str(out), flag, "--qk-clip-threshold", "0.1"]
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        records = json.loads((out / "muon.json").read_text())["iterations"]
+        assert all(r["max_attention_logit"] > 0.1 for r in records), records
+        assert all(r["qk_clipped_heads"] > 0 for r in records), records
+        assert proc.stdout.count("max attention logit:") == 3
