@@ -80,7 +80,7 @@ def _attention_layers(model_chunks: Iterable[torch.nn.Module]) -> list[torch.nn.
             if core is None:
                 continue
             if not isinstance(core, DotProductAttention):
-                raise ValueError(
+                raise TypeError(
                     f"QK-Clip collects max logits from megatron-core's local "
                     f"DotProductAttention, not {type(core).__name__}: build the model with "
                     "the local spec (--transformer-impl local)"
@@ -232,7 +232,7 @@ class QKClip:
             torch.distributed.all_reduce(counts, group=self.log_group)
             # Every DP (and CP) replica counted the same heads.
             counts /= self._size(self.dp_cp_group)
-        return QKClipStats(float(figures[0]), int(round(float(counts[0]))))
+        return QKClipStats(float(figures[0]), round(float(counts[0])))
 
     @staticmethod
     def _size(group) -> int:

@@ -165,7 +165,8 @@ def test_without_the_flags_nothing_is_hooked() -> None:
 
 
 def test_bad_values_are_refused_naming_the_flag() -> None:
-    for argv in (["--qk-clip", "--qk-clip-alpha", "1.5"], ["--qk-clip", "--qk-clip-threshold", "0"]):
+    bad = (["--qk-clip", "--qk-clip-alpha", "1.5"], ["--qk-clip", "--qk-clip-threshold", "0"])
+    for argv in bad:
         with pytest.raises(ValueError, match="--qk-clip"):
             validate_args(build_parser().parse_args(argv), 1)
     with pytest.raises(ValueError, match="alpha"):
