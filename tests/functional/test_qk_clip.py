@@ -1,7 +1,7 @@
 """QK-Clip (MuonClip, Kimi K2) with the ZeRO-1 optimizer, over real multi-process layouts.
 
 Parity: `tools.verify.run_verify` with `VerifySpec.qk_clip`: the distributed run (DP2, TP2,
-TP2 x DP2) and the single-device reference (full weights, full batch, the same hook and
+TP2 x DP2; and PP2 x DP2 / TP2 x PP2) and the single-device reference (full weights, full batch, the same hook and
 the same rescale on its fp32 masters) both clip after every step, compared within the fp32
 tolerance of every other parity test. The tiny models' max logits are 0.05..0.14 at init,
 so a threshold of 0.1 (GQA) / 0.04 (MLA) makes the clip fire on several heads at every
@@ -28,7 +28,7 @@ MLA = {
     "qk_pos_emb_head_dim": 8, "v_head_dim": 16, "q_lora_rank": 24, "qk_layernorm": True,
 }
 GQA_TAU, MLA_TAU, ALPHA = 0.1, 0.04, 0.5
-# name -> (TP, DP, model, tau)
+# name -> (TP, DP, model, tau[, PP])
 LAYOUTS = {
     "gqa-dp2": (1, 2, tiny.ModelSpec(), GQA_TAU),
     "gqa-tp2": (2, 1, tiny.ModelSpec(), GQA_TAU),
@@ -36,15 +36,18 @@ LAYOUTS = {
     "mla-dp2": (1, 2, tiny.ModelSpec(**MLA), MLA_TAU),
     "mla-tp2": (2, 1, tiny.ModelSpec(**MLA), MLA_TAU),
     "mla-tp2xdp2": (2, 2, tiny.ModelSpec(**MLA), MLA_TAU),
+    # Pipeline stages clip their own layers; the logged max reduces over the world.
+    "gqa-pp2xdp2": (1, 2, tiny.ModelSpec(), GQA_TAU, 2),
+    "mla-tp2xpp2": (2, 1, tiny.ModelSpec(**MLA), MLA_TAU, 2),
 }
 FP32 = MuonConfig(muon_ns_dtype="fp32")
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def clip_run(request) -> dict:
-    tp, dp, model, tau = LAYOUTS[request.param]
+    tp, dp, model, tau, *pp = LAYOUTS[request.param]
     spec = VerifySpec(
-        layout=tiny.Layout(tp=tp), dp=dp, model=model, steps=STEPS, qk_clip=(tau, ALPHA)
+        layout=tiny.Layout(tp=tp, pp=pp[0] if pp else 1), dp=dp, model=model, steps=STEPS, qk_clip=(tau, ALPHA)
     )
     return run_verify(spec, FP32)
 
