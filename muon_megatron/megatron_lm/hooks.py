@@ -225,6 +225,16 @@ def _check_muon_run(args: argparse.Namespace) -> MuonConfig:
                 f"--{flag.replace('_', '-')} with --optimizer muon: muon-megatron is a ZeRO-1 "
                 "DistributedOptimizer; use --use-distributed-optimizer without FSDP."
             )
+    if getattr(args, "qk_clip", False):
+        # megatron-core's clip_qk reads TE's max logits and rescales the model params (and a
+        # `main_param` the distributed optimizer does not set), not the ZeRO-1 fp32 main
+        # shards: with bf16 params the next step's main -> model copy undoes the clip.
+        raise ValueError(
+            "--qk-clip with --optimizer muon under Megatron-LM: megatron-core's clip_qk does "
+            "not rescale the ZeRO-1 optimizer's fp32 main shards. Use muon-megatron's "
+            "training entry (examples/pretrain_moe.py --qk-clip; docs/qk-clip.md) or drop "
+            "--qk-clip (--log-max-attention-logit alone is fine)."
+        )
     ckpt_format = getattr(args, "ckpt_format", _SUPPORTED_CKPT_FORMAT)
     if ckpt_format != _SUPPORTED_CKPT_FORMAT and (getattr(args, "save", None) or getattr(args, "load", None)):
         raise ValueError(

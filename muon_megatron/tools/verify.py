@@ -133,6 +133,8 @@ class VerifySpec:
     weight_decay: float = 0.1
     clip_grad: float = 1.0
     seed: int = 1234
+    qk_clip: tuple[float, float] | None = None
+    """(threshold, alpha): QK-Clip after every step of both runs (`training.qk_clip`)."""
 
     @property
     def world_size(self) -> int:
@@ -193,12 +195,14 @@ def _distributed_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig
     # A constant lr / wd scheduler applies wd_mult (no decay on biases and 1-D params)
     # exactly as a training run does.
     optimizer = tiny.build_optimizer(model, opt_config, cfg)
-    losses = []
+    losses, clip, clip_stats = [], _qk_clip(model, spec), []
     for step in range(spec.steps):
         batch = tiny.global_batch(step, model_spec, spec.global_batch_size, spec.seed)
         losses.append(
             tiny.train_step(model, optimizer, batch, model_spec, layout, spec.micro_batch_size)
         )
+        if clip is not None:
+            clip_stats.append(clip.apply(optimizer))
     tiny.save_model(model, os.path.join(root, "final"))
     muons = muon_optimizers(optimizer)
     ns_counts: Counter[NsKey] = Counter()
@@ -211,6 +215,7 @@ def _distributed_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig
         )
     return {
         "losses": losses,
+        "qk_clip": clip_stats,
         "ns_counts": dict(ns_counts),
         "planned_matrices": planned,
         "owner_loads": [o.owner_loads() for o in muons],
@@ -282,11 +287,24 @@ def _train_reference(
         )
 
     stepper = ReferenceStepper(named, make_reference, spec.clip_grad)
-    losses = []
+    losses, clip = [], _qk_clip(model, spec)
     for step in range(spec.steps):
         batch = tiny.global_batch(step, model_spec, spec.global_batch_size, spec.seed)
         losses.append(tiny.train_step(model, stepper, batch, model_spec, layout, micro_batch))
+        if clip is not None:
+            clip.apply(stepper)
+    if clip is not None:
+        clip.remove()
     return losses, stepper.reference
+
+
+def _qk_clip(model, spec: VerifySpec):
+    if spec.qk_clip is None:
+        return None
+    from muon_megatron.training.qk_clip import QKClip
+
+    threshold, alpha = spec.qk_clip
+    return QKClip.for_model(model, threshold=threshold, alpha=alpha)
 
 
 def _relative(err: float, ref: float) -> float:
@@ -366,6 +384,7 @@ def run_verify(spec: VerifySpec, cfg: MuonConfig, backend: str = "auto") -> dict
         "worst_param": max(diffs, key=diffs.get),
         "diffs": diffs,
         "dist_losses": dist_out[0]["losses"],
+        "qk_clip": dist_out[0]["qk_clip"],
         "ref_losses": ref_out["losses"],
         "ns_counts_per_rank": [o["ns_counts"] for o in dist_out],
         "planned_matrices_per_rank": [o["planned_matrices"] for o in dist_out],

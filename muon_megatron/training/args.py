@@ -192,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", action="store_true", help="Rejected: Muon needs bf16 or fp32.")
     g.add_argument("--seed", type=int, default=1234)
 
+    g = p.add_argument_group("QK-Clip (MuonClip, Kimi K2; training/qk_clip.py)")
+    g.add_argument("--qk-clip", action="store_true",
+                   help="After each step, rescale W_q / W_k of heads whose max logit > tau.")
+    g.add_argument("--qk-clip-alpha", type=float, default=_tc_default("qk_clip_alpha"),
+                   help="Share of the clip on W_q (W_k takes 1 - alpha).")
+    g.add_argument("--qk-clip-threshold", type=float, default=_tc_default("qk_clip_threshold"),
+                   help="tau: the max pre-softmax logit a head may keep.")
+    g.add_argument("--log-max-attention-logit", action="store_true",
+                   help="Log the max attention logit (implied by --qk-clip).")
+
     g = p.add_argument_group("logging, evaluation and checkpoints")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--eval-interval", type=int, default=1000)
@@ -204,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_muon_config_args(p)
     return p
+
+
+def _tc_default(name: str) -> Any:
+    # megatron-core's TransformerConfig holds the QK-Clip defaults; not written twice.
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig.__dataclass_fields__[name].default
 
 
 def moe_layer_pattern(args: argparse.Namespace) -> list[int]:
@@ -252,6 +269,12 @@ def layout_errors(args: argparse.Namespace, world_size: int) -> list[str]:
     if args.multi_latent_attention:
         errors.extend(_mla_errors(args, tp))
     need(not args.sequence_parallel or tp > 1, "--sequence-parallel needs tp > 1")
+    need(not args.qk_clip or (args.qk_clip_threshold > 0 and 0 <= args.qk_clip_alpha <= 1),
+         "--qk-clip needs --qk-clip-threshold > 0 and --qk-clip-alpha in [0, 1]")
+    need(not (args.qk_clip or args.log_max_attention_logit)
+         or args.transformer_impl != "transformer_engine",
+         "--qk-clip / --log-max-attention-logit read the local attention's logits: use "
+         "--transformer-impl local")
     need(not args.sequence_parallel or args.seq_length % tp == 0,
          f"--seq-length {args.seq_length} is not divisible by tp={tp} (sequence parallel)")
     uneven = (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers)

@@ -124,11 +124,13 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     from muon_megatron.training import model as gpt
     from muon_megatron.training import step
     from muon_megatron.training.data import local_batch, stdlib_corpus
+    from muon_megatron.training.qk_clip import qk_clip_from_args
 
     t_start = time.perf_counter()
     gpt.initialize_parallel(args)
     model = gpt.build_model(args)
     optimizer, scheduler = step.build_optimizer_and_scheduler(args, model)
+    qk_clip = qk_clip_from_args(args, model)
     start = load_if_present(args, model, optimizer, scheduler) if args.load else 0
     corpus = stdlib_corpus()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -174,6 +176,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     for iteration in range(start + 1, args.train_iters + 1):
         t0 = time.perf_counter()
         lr = max(group["lr"] for group in optimizer.param_groups)
+        if qk_clip is not None:
+            qk_clip.reset()  # the logits of this step's forwards only, not evaluation's
         loss = step.forward_backward(
             model,
             batch("train", iteration),
@@ -181,6 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             micro_batch_size=args.micro_batch_size,
         )
         update_ok, grad_norm, _ = optimizer.step()
+        clip_stats = None if qk_clip is None else qk_clip.apply(optimizer)
         scheduler.step(increment=args.global_batch_size)
         dt = time.perf_counter() - t0
         interval_time, interval_iters = interval_time + dt, interval_iters + 1
@@ -194,6 +199,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             "tokens_per_s": tokens_per_iter / dt,
             "skipped": not update_ok,
         }
+        if clip_stats is not None:
+            record["max_attention_logit"] = clip_stats.max_attention_logit
+            record["qk_clipped_heads"] = clip_stats.clipped_heads
         log["iterations"].append(record)
         if iteration % args.log_interval == 0 or iteration in (start + 1, args.train_iters):
             if rank == 0:
@@ -278,6 +286,8 @@ def _log_line(args: argparse.Namespace, r: dict[str, Any], sec_per_iter: float,
         f" lm loss: {r['loss']:.6E} | grad norm: {norm} | update rms: {rms} |"
         f" tokens/s: {args.global_batch_size * args.seq_length / sec_per_iter:.0f} |"
         f" elapsed: {elapsed:.1f} s |"
+        + (f" max attention logit: {r['max_attention_logit']:.3f} |"
+           f" qk-clipped heads: {r['qk_clipped_heads']} |" if "max_attention_logit" in r else "")
     )
 
 

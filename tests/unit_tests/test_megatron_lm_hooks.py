@@ -151,6 +151,7 @@ def test_argument_dump_prints_the_optimizer_as_muon() -> None:
         ({"muon_scale_mode": "spectral"}, "shape_scaling"),
         ({"muon_tp_mode": "blockwise"}, "Drop --muon-tp-mode"),
         ({"muon_fp32_matmul_prec": "medium"}, "--muon-ns-dtype"),
+        ({"qk_clip": True}, "--qk-clip with --optimizer muon"),
     ],
 )
 def test_validate_args_refuses_unsupported_runs_before_training(overrides, message) -> None:
