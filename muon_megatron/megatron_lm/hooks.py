@@ -7,8 +7,9 @@ core_v0.16), `get_megatron_muon_optimizer` for any `--optimizer` containing "muo
 `install()` rebinds both names there to a dispatcher: `--optimizer muon` goes to
 `muon_megatron.get_muon_optimizer` (with the `--muon-*` flags as `MuonConfig`), everything
 else (adam, sgd) to the original function, unchanged. It also rebinds, in the same module,
-`training_log` (Muon's metrics at `--log-interval`, `metrics.py`) and `load_checkpoint`
-(optimizer switches, `checkpoints.py`).
+`training_log` (Muon's metrics at `--log-interval`, `metrics.py`), `load_checkpoint`
+(optimizer switches, `checkpoints.py`), and `clip_qk` and `train_step` (`--qk-clip` with the
+ZeRO-1 main shards and the local attention, `qk_clip.py`).
 
 `validate_args` rejects `--optimizer muon` together with `--use-distributed-optimizer`
 ("Muon optimizer does not support distributed optimizer for now"; core_v0.19 instead turns
@@ -119,7 +120,7 @@ def install(*, add_args: bool = False, wrap_validate_args: bool = True) -> None:
     checks then run when the optimizer is built). Raises ImportError when Megatron-LM
     (`megatron.training`) is not importable.
     """
-    from muon_megatron.megatron_lm import checkpoints, metrics
+    from muon_megatron.megatron_lm import checkpoints, metrics, qk_clip
 
     modules = _import_megatron_lm()
     get_args = modules["global_vars"].get_args
@@ -132,6 +133,8 @@ def install(*, add_args: bool = False, wrap_validate_args: bool = True) -> None:
     )
     _rebind(training, "training_log", lambda f: metrics.logging_muon_metrics(f, get_args))
     _rebind(training, "load_checkpoint", lambda f: checkpoints.loading_across_optimizers(f, get_args))
+    _rebind(training, "clip_qk", qk_clip.clipping_with_muon)
+    _rebind(training, "train_step", qk_clip.resetting_before_step)
 
 
 def _install_into(
@@ -181,14 +184,16 @@ def _dispatching_builder(
                 "layer_wise_distributed_optimizer=True belongs to megatron-core's own Muon; "
                 "use --optimizer muon --use-distributed-optimizer for muon-megatron."
             )
-        from muon_megatron.megatron_lm import metrics
+        from muon_megatron.megatron_lm import metrics, qk_clip
         from muon_megatron.optimizer.builder import get_muon_optimizer
 
         # Checked again here: with patches/ applied, validate_args is not wrapped.
-        muon_config = _check_muon_run(get_args())
+        args = get_args()
+        muon_config = _check_muon_run(args)
         known = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
         optimizer = get_muon_optimizer(config, model_chunks, muon_config, **known)
         metrics.remember_optimizer(optimizer)
+        qk_clip.build_for(args, model_chunks)
         return optimizer
 
     return build
@@ -225,16 +230,7 @@ def _check_muon_run(args: argparse.Namespace) -> MuonConfig:
                 f"--{flag.replace('_', '-')} with --optimizer muon: muon-megatron is a ZeRO-1 "
                 "DistributedOptimizer; use --use-distributed-optimizer without FSDP."
             )
-    if getattr(args, "qk_clip", False):
-        # megatron-core's clip_qk reads TE's max logits and rescales the model params (and a
-        # `main_param` the distributed optimizer does not set), not the ZeRO-1 fp32 main
-        # shards: with bf16 params the next step's main -> model copy undoes the clip.
-        raise ValueError(
-            "--qk-clip with --optimizer muon under Megatron-LM: megatron-core's clip_qk does "
-            "not rescale the ZeRO-1 optimizer's fp32 main shards. Use muon-megatron's "
-            "training entry (examples/pretrain_moe.py --qk-clip; docs/qk-clip.md) or drop "
-            "--qk-clip (--log-max-attention-logit alone is fine)."
-        )
+    _check_qk_clip(args)
     ckpt_format = getattr(args, "ckpt_format", _SUPPORTED_CKPT_FORMAT)
     if ckpt_format != _SUPPORTED_CKPT_FORMAT and (getattr(args, "save", None) or getattr(args, "load", None)):
         raise ValueError(
@@ -244,6 +240,27 @@ def _check_muon_run(args: argparse.Namespace) -> MuonConfig:
             "change TP/PP/EP on resume)."
         )
     return muon_config
+
+
+def _check_qk_clip(args: argparse.Namespace) -> None:
+    """Megatron-LM's own --qk-clip checks, as errors (its validate_args asserts them only
+    after asserting TE >= 2.9, which muon-megatron's QK-Clip needs only for TE attention)."""
+    if getattr(args, "qk_clip", False):
+        if not 0.0 < args.qk_clip_alpha < 1.0:
+            raise ValueError(
+                f"--qk-clip-alpha {args.qk_clip_alpha}: Megatron-LM takes a value strictly "
+                "between 0 and 1 (the share of the clip on W_q; 0.5 splits it evenly)."
+            )
+        if not args.qk_clip_threshold > 0:
+            raise ValueError(
+                f"--qk-clip-threshold {args.qk_clip_threshold}: it must be > 0 (Kimi K2 and "
+                "megatron-core use 100)."
+            )
+
+
+# Megatron-LM's validate_args asserts TE >= 2.9 for these; with the local attention
+# muon-megatron's QK-Clip computes the max logits itself (optimizer/muon_clip.py).
+_QK_CLIP_FLAGS = ("qk_clip", "log_max_attention_logit")
 
 
 def _validating(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -263,10 +280,12 @@ def _validating(original: Callable[..., Any]) -> Callable[..., Any]:
         # Megatron's Muon checks describe megatron-core's Muon, not this one: validate the run
         # as the ZeRO-1 AdamW run it is underneath, and restore the name for the argument
         # dump Megatron prints at the end of validation, and afterwards.
-        with _validated_as_adam(original, args):
+        hidden = _hidden_from_megatron(args)
+        with _validated_as_adam(original, args, hidden):
             result = original(args, *rest, **kwargs)
         if result is not None and result is not args:
-            result.optimizer = MUON_OPTIMIZER_NAME
+            for name in hidden:
+                setattr(result, name, getattr(args, name))
         differing = defaults_differing_from_megatron_lm(args)
         if differing and getattr(args, "rank", 0) == 0:
             logger.warning(
@@ -279,33 +298,49 @@ def _validating(original: Callable[..., Any]) -> Callable[..., Any]:
     return validate_args
 
 
-class _validated_as_adam:
-    """`args.optimizer` reads 'adam' inside `validate`, 'muon' in its `_print_args` (the
-    argument dump) and after it."""
+def _hidden_from_megatron(args: argparse.Namespace) -> dict[str, Any]:
+    """What Megatron's validation sees instead of the user's values: the optimizer as
+    'adam', and the QK-Clip flags off when the attention is the local one."""
+    hidden: dict[str, Any] = {"optimizer": "adam"}
+    if getattr(args, "transformer_impl", None) == "local":
+        hidden.update({flag: False for flag in _QK_CLIP_FLAGS if getattr(args, flag, False)})
+    return hidden
 
-    def __init__(self, validate: Callable[..., Any], args: argparse.Namespace) -> None:
+
+class _validated_as_adam:
+    """Inside `validate`, the `hidden` values (`args.optimizer` reads 'adam', ...); the
+    user's own in its `_print_args` (the argument dump) and after it."""
+
+    def __init__(
+        self, validate: Callable[..., Any], args: argparse.Namespace, hidden: dict[str, Any]
+    ) -> None:
         self.namespace = getattr(validate, "__globals__", {})
         self.printer = self.namespace.get("_print_args")
-        self.args = args
+        self.args, self.hidden = args, hidden
+        self.shown = {name: getattr(args, name) for name in hidden}
+
+    def _set(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            setattr(self.args, name, value)
 
     def __enter__(self) -> None:
-        self.args.optimizer = "adam"
+        self._set(self.hidden)
         if self.printer is not None:
             printer, args = self.printer, self.args
 
             def print_args(title: str, namespace: Any, *rest: Any, **kwargs: Any) -> Any:
                 if namespace is args:
-                    args.optimizer = MUON_OPTIMIZER_NAME
+                    self._set(self.shown)
                 try:
                     return printer(title, namespace, *rest, **kwargs)
                 finally:
                     if namespace is args:
-                        args.optimizer = "adam"
+                        self._set(self.hidden)
 
             self.namespace["_print_args"] = print_args
 
     def __exit__(self, *exc: object) -> None:
-        self.args.optimizer = MUON_OPTIMIZER_NAME
+        self._set(self.shown)
         if self.printer is not None:
             self.namespace["_print_args"] = self.printer
 

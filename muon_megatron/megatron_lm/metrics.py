@@ -6,7 +6,9 @@ TensorBoard and wandb writers) prints
 
     [muon] iteration       10 | update rms: 0.1987 | ns time (s): 0.0123 | skipped steps: 0
 
-and writes every `builder.muon_metrics` value under its name (`muon/update_rms`, ...) to
+(with `--qk-clip` or `--log-max-attention-logit`, also `| max attention logit: 12.34`, the
+step's max before the clip, model-wide, and with `--qk-clip` `| qk-clipped heads: 0`:
+`qk_clip.py`) and writes every `builder.muon_metrics` value under its name (`muon/update_rms`, ...) to
 TensorBoard (`add_scalar`) and wandb (`log`), at the same step as Megatron's own scalars.
 The figures are the last step's, of the optimizer this process built: with pipeline
 parallelism, the last stage's matrices. Nothing here communicates, so logging can never
@@ -21,7 +23,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["logging_muon_metrics", "remember_optimizer", "format_muon_log_line"]
+__all__ = ["built_optimizer", "format_muon_log_line", "logging_muon_metrics", "remember_optimizer"]
 
 _built: list[weakref.ref] = []
 
@@ -31,7 +33,8 @@ def remember_optimizer(optimizer: Any) -> None:
     _built[:] = [weakref.ref(optimizer)]
 
 
-def _optimizer() -> Any | None:
+def built_optimizer() -> Any | None:
+    """The optimizer the hook built in this process, while it lives."""
     return _built[0]() if _built else None
 
 
@@ -43,6 +46,10 @@ def format_muon_log_line(iteration: int, metrics: dict[str, float]) -> str:
         f"ns time (s): {metrics.get('muon/ns_seconds', 0.0):.4f}",
         f"skipped steps: {int(metrics.get('muon/skipped_steps', 0))}",
     ]
+    if "muon/max_attention_logit" in metrics:
+        parts.append(f"max attention logit: {metrics['muon/max_attention_logit']:.6g}")
+    if "muon/qk_clipped_heads" in metrics:
+        parts.append(f"qk-clipped heads: {int(metrics['muon/qk_clipped_heads'])}")
     return " | ".join(parts)
 
 
@@ -54,7 +61,7 @@ def logging_muon_metrics(
         result = original(*args, **kwargs)
         iteration = kwargs["iteration"] if "iteration" in kwargs else args[3]
         interval = getattr(get_args(), "log_interval", 0)
-        optimizer = _optimizer()
+        optimizer = built_optimizer()
         if optimizer is not None and interval and iteration % interval == 0:
             _report(int(iteration), optimizer)
         return result
@@ -66,9 +73,15 @@ def _report(iteration: int, optimizer: Any) -> None:
     import torch
     from megatron.training import global_vars
 
+    from muon_megatron.megatron_lm import qk_clip
     from muon_megatron.optimizer.builder import muon_metrics
 
     metrics = muon_metrics(optimizer)
+    clip = qk_clip.current()
+    if metrics and clip is not None and clip.last_stats is not None:
+        metrics["muon/max_attention_logit"] = clip.last_stats.max_attention_logit
+        if clip.clip:
+            metrics["muon/qk_clipped_heads"] = float(clip.last_stats.clipped_heads)
     if not metrics:
         return
     last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1

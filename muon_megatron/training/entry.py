@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     from muon_megatron.training import model as gpt
     from muon_megatron.training import step
     from muon_megatron.training.data import local_batch, stdlib_corpus
-    from muon_megatron.training.qk_clip import qk_clip_from_args
+    from muon_megatron.optimizer.muon_clip import qk_clip_from_args
 
     t_start = time.perf_counter()
     gpt.initialize_parallel(args)
@@ -201,7 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         }
         if clip_stats is not None:
             record["max_attention_logit"] = clip_stats.max_attention_logit
-            record["qk_clipped_heads"] = clip_stats.clipped_heads
+            if qk_clip.clip:
+                record["qk_clipped_heads"] = clip_stats.clipped_heads
         log["iterations"].append(record)
         if iteration % args.log_interval == 0 or iteration in (start + 1, args.train_iters):
             if rank == 0:
@@ -287,7 +288,8 @@ def _log_line(args: argparse.Namespace, r: dict[str, Any], sec_per_iter: float,
         f" tokens/s: {args.global_batch_size * args.seq_length / sec_per_iter:.0f} |"
         f" elapsed: {elapsed:.1f} s |"
         + (f" max attention logit: {r['max_attention_logit']:.3f} |"
-           f" qk-clipped heads: {r['qk_clipped_heads']} |" if "max_attention_logit" in r else "")
+           if "max_attention_logit" in r else "")
+        + (f" qk-clipped heads: {r['qk_clipped_heads']} |" if "qk_clipped_heads" in r else "")
     )
 
 

@@ -172,6 +172,25 @@ def muon_from_adam_dp4(runs_dir: pathlib.Path, adam_dp4: Run) -> Run:
     return _launch(runs_dir, "muon_from_adam_dp4", 4, load_from=adam_dp4)
 
 
+# QK-Clip under Megatron-LM's loop: one layer (so a head's logits scale exactly with its
+# clip factor), lr 0 (the weights move only by the clip), bf16 params (the fp32 main shards
+# are separate tensors, which the next step's main -> model copy would put back unclipped)
+# and a threshold far below the init logits (~0.1), so that every head is clipped at once.
+QK_TAU = 1e-3
+QK_FLAGS = ("--num-layers", "1", "--bf16", "--lr", "0.0", "--min-lr", "0.0",
+            "--qk-clip-threshold", str(QK_TAU))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qk_logged(runs_dir: pathlib.Path) -> Run:
+    return _launch(runs_dir, "qk_logged", 2, extra=QK_FLAGS + ("--log-max-attention-logit",))
+
+
+@pytest.fixture(scope="module")
+def qk_clipped(runs_dir: pathlib.Path) -> Run:
+    return _launch(runs_dir, "qk_clipped", 2, extra=QK_FLAGS + ("--qk-clip",))
+
+
 def _refused(root: pathlib.Path, name: str, *extra: str, optimizer: str = "muon", load: Run | None = None) -> str:
     """Output of a run that must stop before its first iteration (non-zero exit)."""
     args = tiny_gpt_args(
@@ -402,6 +421,7 @@ def test_muon_checkpoint_into_adamw_is_refused_naming_the_supported_paths(
         (("--muon-tp-mode", "blockwise"), "Drop --muon-tp-mode"),
         (("--muon-fp32-matmul-prec", "high"), "--muon-ns-dtype"),
         (("--ckpt-format", "torch", "--save", "/nonexistent/ckpt"), "--ckpt-format torch_dist"),
+        (("--qk-clip", "--qk-clip-alpha", "1.0"), "--qk-clip-alpha 1.0"),
     ],
 )
 def test_megatron_lm_flags_we_do_not_honour_stop_the_run_before_training(
@@ -421,3 +441,37 @@ def test_megatron_lm_extra_scale_factor_scales_the_update(dp4: Run, runs_dir: pa
     }
     # Printed to 4 decimals: half a unit of rounding on each side.
     assert rms[half] == pytest.approx(rms[dp4] / 2, abs=1e-4), rms
+
+
+def _attention_logits(run: Run) -> dict[int, tuple[str, int | None]]:
+    """iteration -> (max attention logit as printed, qk-clipped heads or None)."""
+    found = re.findall(
+        r"\[muon\] iteration\s+(\d+) \|.*?\| max attention logit: ([0-9.eE+-]+)"
+        r"(?: \| qk-clipped heads: (\d+))?\s*$",
+        run.output,
+        re.MULTILINE,
+    )
+    return {int(it): (value, int(heads) if heads else None) for it, value, heads in found}
+
+
+def test_qk_clip_bounds_the_max_logit_in_megatron_lms_loop(qk_logged: Run, qk_clipped: Run) -> None:
+    """`--qk-clip --optimizer muon` in Megatron-LM's own train_step: after each step the heads
+    over tau are rescaled in the model and in the ZeRO-1 fp32 main shards, so the logits stay
+    near tau at every later iteration; `--log-max-attention-logit` alone only logs.
+
+    Bounds: at lr 0 with one layer, head h's logits in the clipped run are those of the
+    logged run times the product of its clip factors, so after a clip on batch k its max on
+    batch k+1 is tau * S_h(k+1) / S_h(k): the batch-to-batch ratio of one head's max at fixed
+    weights, near 1 (the logged run's model-wide max varies by a few %). 10 tau leaves a wide
+    margin on that ratio and sits 5x below the unclipped logits (>= 50 tau, checked on the
+    logged run): a clip lost in the main -> model copy, or never made, fails it."""
+    logged, clipped = _attention_logits(qk_logged), _attention_logits(qk_clipped)
+    iterations = list(range(1, TRAIN_ITERS + 1))
+    assert sorted(logged) == iterations and sorted(clipped) == iterations, (logged, clipped)
+    assert qk_clipped.argument("qk_clip") == "True" and qk_logged.argument("qk_clip") == "False"
+    assert all(heads is None for _, heads in logged.values()), logged  # nothing clipped
+    assert all(float(value) >= 50 * QK_TAU for value, _ in logged.values()), logged
+    # Iteration 1: the same weights and batch, so the same figure; all 4 heads are over tau.
+    assert clipped[1] == (logged[1][0], 4), (clipped[1], logged[1])
+    for it in iterations[1:]:
+        assert float(clipped[it][0]) <= 10 * QK_TAU, (it, clipped)

@@ -85,7 +85,7 @@ def _effect(
     from megatron.core import parallel_state
 
     from muon_megatron.training import step
-    from muon_megatron.training.qk_clip import QKClip
+    from muon_megatron.optimizer.muon_clip import QKClip
 
     tiny.initialize_parallel(layout, 1234)
     model = tiny.build_model(model_spec, layout)
@@ -210,5 +210,10 @@ def test_training_entry_clips_and_logs_the_max_logit(tmp_path) -> None:
         assert proc.returncode == 0, proc.stderr[-4000:]
         records = json.loads((out / "muon.json").read_text())["iterations"]
         assert all(r["max_attention_logit"] > 0.1 for r in records), records
-        assert all(r["qk_clipped_heads"] > 0 for r in records), records
         assert proc.stdout.count("max attention logit:") == 3
+        if flag == "--qk-clip":
+            assert all(r["qk_clipped_heads"] > 0 for r in records), records
+            assert proc.stdout.count("qk-clipped heads:") == 3
+        else:  # it only logs: nothing is clipped, so nothing is said to be
+            assert not any("qk_clipped_heads" in r for r in records), records
+            assert "qk-clipped heads:" not in proc.stdout

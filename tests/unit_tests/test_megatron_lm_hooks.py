@@ -78,7 +78,7 @@ def test_muon_routes_to_get_muon_optimizer_with_flags_as_muon_config(monkeypatch
         dump_param_to_param_group_map=None,
     )
     assert out is built and calls == []
-    assert metrics._optimizer() is built  # what training_log reports on
+    assert metrics.built_optimizer() is built  # what training_log reports on
     assert received["muon_config"] == MuonConfig(muon_momentum=0.9,
                                                  muon_coefficients="polar_express")
     # Everything Megatron-LM passes goes on; get_muon_optimizer itself checks it against the
@@ -151,7 +151,10 @@ def test_argument_dump_prints_the_optimizer_as_muon() -> None:
         ({"muon_scale_mode": "spectral"}, "shape_scaling"),
         ({"muon_tp_mode": "blockwise"}, "Drop --muon-tp-mode"),
         ({"muon_fp32_matmul_prec": "medium"}, "--muon-ns-dtype"),
-        ({"qk_clip": True}, "--qk-clip with --optimizer muon"),
+        ({"qk_clip": True, "qk_clip_alpha": 1.0, "qk_clip_threshold": 100.0},
+         "--qk-clip-alpha 1.0"),
+        ({"qk_clip": True, "qk_clip_alpha": 0.5, "qk_clip_threshold": 0.0},
+         "--qk-clip-threshold 0.0"),
     ],
 )
 def test_validate_args_refuses_unsupported_runs_before_training(overrides, message) -> None:
@@ -160,6 +163,76 @@ def test_validate_args_refuses_unsupported_runs_before_training(overrides, messa
     with pytest.raises(ValueError, match=message):
         mods.initialize.validate_args(args, {})
     assert seen == [], "Megatron's own validation ran before ours refused"
+
+
+@pytest.mark.parametrize("impl", ["local", "transformer_engine"])
+def test_qk_clip_on_the_local_attention_skips_megatrons_te_assertion_only(impl) -> None:
+    """Megatron-LM asserts TE >= 2.9 for --qk-clip / --log-max-attention-logit; with the
+    local attention its validation sees both off (our QK-Clip computes the logits), while
+    its argument dump and everything after see the user's values. With TE, Megatron checks
+    its own version as it always does."""
+    args = _megatron_args(qk_clip=True, log_max_attention_logit=True, qk_clip_alpha=0.5,
+                          qk_clip_threshold=100.0, transformer_impl=impl)
+    mods, _, seen = _stand_ins(args)
+    during, dumped = [], []
+    validate = mods.initialize.validate_args.__wrapped__
+
+    def recording_validate(a, defaults={}):  # noqa: B006 (Megatron-LM's signature)
+        during.append((a.qk_clip, a.log_max_attention_logit))
+        return validate(a, defaults)
+
+    mods.initialize.validate_args = hooks._marked(hooks._validating(recording_validate))
+    real_print = _print_args.__globals__["_print_args"]
+    try:
+        _print_args.__globals__["_print_args"] = lambda t, a: dumped.append(
+            (a.optimizer, a.qk_clip, a.log_max_attention_logit))
+        mods.initialize.validate_args(args, {})
+    finally:
+        _print_args.__globals__["_print_args"] = real_print
+    megatron_sees = impl == "transformer_engine"
+    assert during == [(megatron_sees, megatron_sees)] and seen == ["adam"]
+    assert dumped == [("muon", True, True)]
+    assert (args.optimizer, args.qk_clip, args.log_max_attention_logit) == ("muon", True, True)
+
+
+def test_clip_qk_is_ours_for_a_muon_run_and_megatron_cores_otherwise(monkeypatch) -> None:
+    """Megatron-LM's train_step calls clip_qk(model, log_max_only=...) after the step: with
+    a QK-Clip built for our optimizer, QKClip.apply(that optimizer) runs and its max logit
+    is returned; without one, megatron-core's clip_qk. train_step forgets the records first."""
+    from muon_megatron.megatron_lm import qk_clip
+
+    theirs, applied, resets = [], [], []
+
+    def their_clip_qk(model, log_max_only=False):
+        theirs.append(log_max_only)
+        return 7.0
+
+    class Clip:
+        clip = True
+
+        def apply(self, optimizer):
+            applied.append(optimizer)
+            return types.SimpleNamespace(max_attention_logit=3.5)
+
+        def reset(self):
+            resets.append(True)
+
+        def remove(self):
+            pass
+
+    ours = qk_clip.clipping_with_muon(their_clip_qk)
+    step = qk_clip.resetting_before_step(lambda *a, **k: ("stepped", a, k))
+    monkeypatch.setattr(qk_clip, "_clip", [])
+    assert ours(["model"], log_max_only=True) == 7.0 and theirs == [True]
+    assert step(1, x=2) == ("stepped", (1,), {"x": 2}) and resets == []
+    optimizer = type("Built", (), {})()
+    metrics.remember_optimizer(optimizer)
+    monkeypatch.setattr(qk_clip, "_clip", [Clip()])
+    assert step() and resets == [True]
+    assert ours(["model"], log_max_only=False) == 3.5 and applied == [optimizer]
+    with pytest.raises(RuntimeError, match="log_max_only=True"):
+        ours(["model"], log_max_only=True)
+    assert theirs == [True]
 
 
 def test_ckpt_format_torch_without_save_or_load_is_accepted() -> None:

@@ -18,7 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from muon_megatron.optimizer import qk_clip as qc
 from muon_megatron.training.args import build_parser, validate_args
-from muon_megatron.training.qk_clip import QKClip, qk_clip_from_args, record_max_logits
+from muon_megatron.optimizer.muon_clip import QKClip, qk_clip_from_args, record_max_logits
 
 TAU, ALPHA = 1.0, 0.5
 
@@ -171,3 +171,47 @@ def test_bad_values_are_refused_naming_the_flag() -> None:
             validate_args(build_parser().parse_args(argv), 1)
     with pytest.raises(ValueError, match="alpha"):
         QKClip([], threshold=1.0, alpha=-0.1)
+
+
+class _TECoreAttention(torch.nn.Module):
+    """Stands in for megatron-core's TEDotProductAttention built with config.qk_clip: TE
+    (>= 2.9) returns the per-head max logits and megatron-core keeps them, folded over
+    micro-batches, in `current_max_attn_logits` (None after a clip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current_max_attn_logits = None
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, core: torch.nn.Module, heads: int, hn: int) -> None:
+        super().__init__()
+        self.core_attention = core
+        self.config = SimpleNamespace(window_size=None)
+        self.num_query_groups_per_partition = heads
+        self.hidden_size_per_attention_head = hn
+        self.linear_qkv = torch.nn.Linear(8, 3 * heads * hn, bias=False)
+
+
+def test_te_attention_max_logits_are_read_not_hooked() -> None:
+    """With TE's attention QKClip installs no hook, reads TE's record, clips the heads over
+    the threshold exactly as for the local attention, and clears TE's record."""
+    heads, hn = 2, 3
+    layer = _Layer(_TECoreAttention(), heads, hn)
+    clip = QKClip([layer], threshold=TAU, alpha=ALPHA)
+    assert clip._hooks == [] and not layer.core_attention._forward_pre_hooks
+    with pytest.raises(RuntimeError, match="no forward recorded"):
+        clip.max_logits()
+    weight = layer.linear_qkv.weight.detach().clone()
+    layer.core_attention.current_max_attn_logits = torch.tensor([4.0, 0.5])
+    stats = clip.apply(optimizer=SimpleNamespace())
+    assert (stats.max_attention_logit, stats.clipped_heads) == (4.0, 1)
+    rows = qc.gqa_qkv_row_factors(torch.tensor([0.25, 1.0]), heads, hn, ALPHA)
+    qc.scale_rows_(weight, rows)
+    torch.testing.assert_close(layer.linear_qkv.weight, weight, rtol=0, atol=0)
+    assert layer.core_attention.current_max_attn_logits is None
+
+
+def test_an_attention_without_max_logits_is_refused_naming_the_ways_out() -> None:
+    with pytest.raises(TypeError, match="--transformer-impl local"):
+        QKClip([_Layer(torch.nn.Identity(), 2, 3)], threshold=TAU)

@@ -1,11 +1,18 @@
-"""QK-Clip (MuonClip, Kimi K2 arXiv 2507.20534) on megatron-core's local attention, with the
-ZeRO-1 optimizers: the max-logit hook, the reduction and the rescale of params and shards.
+"""QK-Clip (MuonClip, Kimi K2 arXiv 2507.20534) with the ZeRO-1 optimizers: the max-logit
+record, the reduction and the rescale of params and main shards, after `optimizer.step()`.
 
-`QKClip(model_chunks, ...)` hooks every attention layer's core attention (megatron-core's
-local `DotProductAttention`, so it runs on CPU): each forward records, per head of this TP
-rank, the maximum over batch, query and key positions of the scaled pre-softmax logit
-q.k * softmax_scale (masked positions excluded). `apply(optimizer)`, after each optimizer
-step:
+`QKClip(model_chunks, ...)` reads, per attention layer and per head of this TP rank, the
+maximum over batch, query and key positions of the scaled pre-softmax logit
+q.k * softmax_scale (masked positions excluded), over all of one step's forwards:
+
+- megatron-core's local `DotProductAttention` (any machine, CPU included): a forward
+  pre-hook, `record_max_logits`, computes it;
+- Transformer Engine's attention (megatron-core's `TEDotProductAttention`, TE >= 2.9, with
+  `config.qk_clip` or `config.log_max_attention_logit` set): TE returns it, and megatron-core
+  keeps it in `core_attention.current_max_attn_logits` (folded by max over micro-batches),
+  which is what megatron-core's own `clip_qk` reads. No hook is installed then.
+
+`apply(optimizer)`, after each optimizer step:
 
 1. one all-reduce MAX over the data-parallel (with context-parallel) group of every
    layer's per-head maxima: S_h over the global batch. TP ranks hold different heads and
@@ -22,6 +29,9 @@ step:
 
 The momentum is not rescaled (Kimi K2 rescales the weights only). The recorded maxima are
 reset after `apply`, so they cover exactly one step's forwards (all its micro-batches).
+megatron-core's own `clip_qk` does steps 1-2 for TE's attention but scales only the model
+params, so with bf16 params and the distributed optimizer the next step's main -> model copy
+undoes its clip; this module is what `muon_megatron.megatron_lm` puts in its place.
 """
 
 from __future__ import annotations
@@ -37,6 +47,12 @@ from muon_megatron.optimizer import qk_clip as clip_math
 
 __all__ = ["QKClip", "QKClipStats", "qk_clip_from_args", "record_max_logits"]
 
+# The attribute where megatron-core's TEDotProductAttention keeps TE's per-head max logits
+# (extensions/transformer_engine.py, with config.qk_clip or config.log_max_attention_logit).
+TE_MAX_LOGITS = "current_max_attn_logits"
+# Where record_max_logits keeps the local attention's.
+LOCAL_MAX_LOGITS = "qk_clip_max_logits"
+
 
 @dataclass
 class QKClipStats:
@@ -45,7 +61,8 @@ class QKClipStats:
     max_attention_logit: float
     """Max pre-softmax logit over every head of the model, before the clip."""
     clipped_heads: int
-    """Heads (summed over layers and TP ranks) whose max logit exceeded the threshold."""
+    """Heads (summed over layers and TP ranks) whose max logit exceeded the threshold and
+    which were clipped: 0 when the QKClip only records (clip=False)."""
 
 
 def record_max_logits(module: DotProductAttention, args: tuple, kwargs: dict) -> None:
@@ -79,16 +96,22 @@ def _attention_layers(model_chunks: Iterable[torch.nn.Module]) -> list[torch.nn.
             core = getattr(module, "core_attention", None)
             if core is None:
                 continue
-            if not isinstance(core, DotProductAttention):
+            if not isinstance(core, DotProductAttention) and not hasattr(core, TE_MAX_LOGITS):
                 raise TypeError(
-                    f"QK-Clip collects max logits from megatron-core's local "
-                    f"DotProductAttention, not {type(core).__name__}: build the model with "
-                    "the local spec (--transformer-impl local)"
+                    f"QK-Clip reads max logits from megatron-core's local DotProductAttention "
+                    f"or from Transformer Engine's (TE >= 2.9, which megatron-core asks for with "
+                    f"config.qk_clip or config.log_max_attention_logit); "
+                    f"{type(core).__name__} has neither: build the model with the local spec "
+                    "(--transformer-impl local) or TE >= 2.9 with --qk-clip set in its config"
                 )
             if module.config.window_size is not None:
                 raise ValueError("QK-Clip with sliding-window attention is not supported")
             layers.append(module)
     return layers
+
+
+def _record_attribute(core: torch.nn.Module) -> str:
+    return LOCAL_MAX_LOGITS if isinstance(core, DotProductAttention) else TE_MAX_LOGITS
 
 
 def _row_factors(layer: torch.nn.Module, gammas_H: torch.Tensor, alpha: float) -> list:
@@ -162,9 +185,12 @@ class QKClip:
         self.threshold, self.alpha, self.clip = float(threshold), float(alpha), clip
         self.dp_cp_group, self.log_group = dp_cp_group, log_group
         self.layers = _attention_layers(model_chunks)
+        self.last_stats: QKClipStats | None = None
+        """The figures of the last `apply` (for a log line written later)."""
         self._hooks = [
             layer.core_attention.register_forward_pre_hook(record_max_logits, with_kwargs=True)
             for layer in self.layers
+            if isinstance(layer.core_attention, DotProductAttention)
         ]
 
     @classmethod
@@ -178,7 +204,7 @@ class QKClip:
     def reset(self) -> None:
         """Forget what was recorded (evaluation forwards, say) since the last `apply`."""
         for layer in self.layers:
-            layer.core_attention.qk_clip_max_logits = None
+            setattr(layer.core_attention, _record_attribute(layer.core_attention), None)
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -191,10 +217,11 @@ class QKClip:
         collective over `dp_cp_group`."""
         local = []
         for layer in self.layers:
-            recorded = getattr(layer.core_attention, "qk_clip_max_logits", None)
+            core = layer.core_attention
+            recorded = getattr(core, _record_attribute(core), None)
             if recorded is None:
                 raise RuntimeError("QK-Clip: no forward recorded a max logit since the last step")
-            local.append(recorded)
+            local.append(recorded.detach().float().reshape(-1))
         if not local:
             return []
         flat = torch.cat(local)
@@ -207,13 +234,15 @@ class QKClip:
     @torch.no_grad()
     def apply(self, optimizer) -> QKClipStats:
         """Reduce the step's max logits, rescale what exceeded the threshold (params and
-        main shards of `optimizer`), reset the records; return the step's figures."""
+        main shards of `optimizer`), reset the records; return the step's figures.
+
+        Two host reads in all, not one per layer: which layers have a head over the
+        threshold, and the logged figures."""
         per_layer = self.max_logits()
-        clipped = 0
-        for layer, s_H in zip(self.layers, per_layer):
-            layer.core_attention.qk_clip_max_logits = None
-            over = int((s_H > self.threshold).sum())
-            clipped += over
+        over_L: list[int] = []
+        if per_layer:
+            over_L = torch.stack([(s > self.threshold).sum() for s in per_layer]).tolist()
+        for layer, s_H, over in zip(self.layers, per_layer, over_L):
             if not self.clip or over == 0:
                 continue
             gammas_H = clip_math.clip_gammas(s_H, self.threshold)
@@ -221,18 +250,23 @@ class QKClip:
                 for shard, start, end in _main_shards(optimizer, weight):
                     clip_math.scale_shard_(shard, rows, tuple(weight.shape), start, end)
                 clip_math.scale_rows_(weight.data, rows)
-        return self._stats(per_layer, clipped)
+        self.reset()
+        self.last_stats = self._stats(per_layer, sum(over_L) if self.clip else 0)
+        return self.last_stats
 
     def _stats(self, per_layer: list[torch.Tensor], clipped: int) -> QKClipStats:
-        local_max = max((float(s.max()) for s in per_layer), default=float("-inf"))
-        figures = torch.tensor([local_max], dtype=torch.float64)
-        counts = torch.tensor([float(clipped)], dtype=torch.float64)
+        device = per_layer[0].device if per_layer else _default_device()
+        if per_layer:
+            local_max = torch.stack([s.max() for s in per_layer]).max().double().reshape(1)
+        else:  # a pipeline stage without attention layers
+            local_max = torch.full((1,), float("-inf"), dtype=torch.float64, device=device)
+        counts = torch.tensor([float(clipped)], dtype=torch.float64, device=device)
         if self._size(self.log_group) > 1:
-            torch.distributed.all_reduce(figures, torch.distributed.ReduceOp.MAX, self.log_group)
+            torch.distributed.all_reduce(local_max, torch.distributed.ReduceOp.MAX, self.log_group)
             torch.distributed.all_reduce(counts, group=self.log_group)
             # Every DP (and CP) replica counted the same heads.
             counts /= self._size(self.dp_cp_group)
-        return QKClipStats(float(figures[0]), round(float(counts[0])))
+        return QKClipStats(float(local_max[0]), round(float(counts[0])))
 
     @staticmethod
     def _size(group) -> int:
@@ -241,9 +275,15 @@ class QKClip:
         return torch.distributed.get_world_size(group)
 
 
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def qk_clip_from_args(args, model_chunks) -> QKClip | None:
-    """The training entry's QK-Clip: --qk-clip clips (and logs), --log-max-attention-logit
-    alone only logs; None when neither is set (nothing hooked: today's run, bit for bit)."""
+    """The QK-Clip of a run with Megatron-LM's flags (the training entry's, Megatron-LM's
+    own `args`): --qk-clip clips (and logs), --log-max-attention-logit alone only logs; None when neither is set (nothing hooked: today's run, bit for bit)."""
     if not (args.qk_clip or args.log_max_attention_logit):
         return None
     return QKClip.for_model(
