@@ -121,10 +121,10 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train on this rank (torch.distributed initialised); rank 0 returns the summary."""
     from megatron.core import parallel_state
 
+    from muon_megatron.optimizer.muon_clip import qk_clip_from_args
     from muon_megatron.training import model as gpt
     from muon_megatron.training import step
     from muon_megatron.training.data import local_batch, stdlib_corpus
-    from muon_megatron.optimizer.muon_clip import qk_clip_from_args
 
     t_start = time.perf_counter()
     gpt.initialize_parallel(args)

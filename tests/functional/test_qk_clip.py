@@ -84,8 +84,8 @@ def _effect(
 ):
     from megatron.core import parallel_state
 
-    from muon_megatron.training import step
     from muon_megatron.optimizer.muon_clip import QKClip
+    from muon_megatron.training import step
 
     tiny.initialize_parallel(layout, 1234)
     model = tiny.build_model(model_spec, layout)

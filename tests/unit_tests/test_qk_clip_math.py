@@ -17,8 +17,8 @@ from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from muon_megatron.optimizer import qk_clip as qc
-from muon_megatron.training.args import build_parser, validate_args
 from muon_megatron.optimizer.muon_clip import QKClip, qk_clip_from_args, record_max_logits
+from muon_megatron.training.args import build_parser, validate_args
 
 TAU, ALPHA = 1.0, 0.5
 
