@@ -69,11 +69,11 @@ def ns_throughput(sizes: Sequence[int], repeats: int, device: torch.device) -> l
     rows = []
     for n in sizes:
         a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        mm_ms = _time_ms(lambda: a @ a, repeats)
+        mm_ms = _time_ms(lambda a=a: a @ a, repeats)
         peak = 2 * n**3 / (mm_ms * 1e-3) / 1e12
         for rows_, cols in ((n, n), (n, 4 * n)):
             x = torch.randn(rows_, cols, device=device, dtype=torch.float32)
-            ms = _time_ms(lambda: newton_schulz(x, steps=5, dtype="bf16"), repeats)
+            ms = _time_ms(lambda x=x: newton_schulz(x, steps=5, dtype="bf16"), repeats)
             tflops = ns_flops(rows_, cols, 5) / (ms * 1e-3) / 1e12
             rows.append({"shape": [rows_, cols], "ns_ms": ms, "ns_tflops": tflops,
                          "matmul_tflops_nxn": peak, "fraction_of_matmul": tflops / peak})
@@ -83,32 +83,17 @@ def ns_throughput(sizes: Sequence[int], repeats: int, device: torch.device) -> l
     return rows
 
 
-def _init_process_group() -> None:
-    """torchrun's job (one process per GPU), or a single process."""
-    if torch.distributed.is_initialized():
-        return
+def _as_a_torchrun_job() -> None:
+    """Without torchrun, describe this process as torchrun's job of one process, so that
+    `runtime.torchrun.torchrun_session` joins it either way (one GPU per rank over NCCL, the
+    CPU shims and gloo on a machine without one)."""
     from muon_megatron.runtime import torchrun
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torchrun.under_torchrun():
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        else:
-            from muon_megatron.runtime.cpu_shims import install_cpu_shims
-
-            install_cpu_shims()
-        torch.distributed.init_process_group(backend)
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    if backend == "nccl":
-        torch.cuda.set_device(0)
-    else:
-        from muon_megatron.runtime.cpu_shims import install_cpu_shims
-
-        install_cpu_shims()
-    torch.distributed.init_process_group(backend, rank=0, world_size=1)
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517")):
+        os.environ.setdefault(key, value)
 
 
 def _slowest(ms: float) -> float:
@@ -196,33 +181,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not torch.cuda.is_available() and not args.cpu_dry_run:
         print(CPU_REFUSAL.format(version=torch.__version__), file=sys.stderr)
         return 2
+    from muon_megatron.runtime import torchrun
+
     dry = not torch.cuda.is_available()
-    _init_process_group()
-    rank = torch.distributed.get_rank()
-    device = torch.device("cuda", torch.cuda.current_device()) if not dry else torch.device("cpu")
-    result: dict[str, Any] = {
-        "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if not dry else "cpu (dry run, not a measurement)",
-        "torch": torch.__version__,
-        "world": torch.distributed.get_world_size(),
-    }
-    if rank == 0:
-        print(f"> {result['device']} x {result['world']}, torch {torch.__version__}", flush=True)
-        sizes = [64, 128] if dry else args.sizes
-        result["newton_schulz"] = ns_throughput(sizes, 2 if dry else args.repeats, device)
-    if not args.skip_model:
-        spec = DRY_RUN if dry else ONE_B
-        result["step_time"] = step_time_ratio(spec, 2 if dry else args.steps, 1 if dry else 3,
-                                              mbs=1 if dry else 2)
+    _as_a_torchrun_job()
+    with torchrun.torchrun_session("auto") as (rank, _, _):
+        device = torch.device("cpu") if dry else torch.device("cuda", torch.cuda.current_device())
+        result: dict[str, Any] = {
+            "date": datetime.date.today().isoformat(),
+            "device": "cpu (dry run, not a measurement)" if dry else torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "world": torch.distributed.get_world_size(),
+        }
         if rank == 0:
-            print(f"> Muon / AdamW optimizer step time: "
-                  f"{result['step_time']['muon_over_adamw']:.2f}")
-    if rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=1)
-        print(f"> json: {args.out}")
-    torch.distributed.destroy_process_group()
+            print(f"> {result['device']} x {result['world']}, torch {torch.__version__}",
+                  flush=True)
+            sizes = [64, 128] if dry else args.sizes
+            result["newton_schulz"] = ns_throughput(sizes, 2 if dry else args.repeats, device)
+        if not args.skip_model:
+            spec = DRY_RUN if dry else ONE_B
+            result["step_time"] = step_time_ratio(spec, 2 if dry else args.steps, 1 if dry else 3,
+                                                  mbs=1 if dry else 2)
+            if rank == 0:
+                print(f"> Muon / AdamW optimizer step time: "
+                      f"{result['step_time']['muon_over_adamw']:.2f}")
+        if rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w", encoding="utf-8") as fh:
+                json.dump(result, fh, indent=1)
+            print(f"> json: {args.out}")
     return 0
 
 
