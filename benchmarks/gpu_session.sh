@@ -4,7 +4,9 @@
 #   2. `muon-megatron bench` under torchrun over NCCL (ours / megatron-core's Muon, Muon /
 #      AdamW, prepare_grads, transient memory) for the layouts of the node's world size;
 #   3. benchmarks/gpu_ns_throughput.py (bf16 Newton-Schulz against the matmul peak, and the
-#      optimizer's share of a ~1B GPT's iteration).
+#      optimizer's share of a ~1B GPT's iteration);
+#   4. the GPU-only tests (tests/functional/test_qk_clip_te.py: TE's max logits against the
+#      local hook's; it skips, saying why, where TE >= 2.9 is not installed).
 # Results go to $OUT (default outputs/gpu); record them in docs/performance.md with the date
 # and the device. Usage: bash benchmarks/gpu_session.sh [NGPUS]
 set -uo pipefail
@@ -30,4 +32,6 @@ if [ "$NGPUS" -ge 2 ]; then
 fi
 timeout 600 "${TORCHRUN[@]}" benchmarks/gpu_ns_throughput.py --out "$OUT/gpu_ns.json" \
   > "$OUT/gpu_ns.txt" 2>&1; echo "gpu_ns_throughput: rc=$?"
+timeout 300 "$PY" -m pytest -q -rs tests/functional/test_qk_clip_te.py > "$OUT/gpu_tests.txt" 2>&1
+echo "gpu tests: rc=$?"
 tail -n 3 "$OUT"/*.txt
