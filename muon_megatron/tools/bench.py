@@ -164,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--fp32-params", action="store_true",
                    help="fp32 model params (default: bf16 params with fp32 main params).")
+    p.add_argument("--muon-bucket-mb", type=float, default=BenchConfig.muon_bucket_mb,
+                   help="Muon's bucket size here (the bench's default makes the model several "
+                        "buckets; MuonConfig's own default is what a training run gets).")
     p.add_argument("--out", default=os.path.join("outputs", "bench.json"))
     p.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
                    help="Under torchrun: nccl (one GPU per rank), gloo, or auto.")
@@ -181,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = BenchConfig(
         layouts=tuple(args.layouts), optimizers=tuple(args.optimizers), steps=args.steps,
         warmup=args.warmup, model=model, num_experts=args.num_experts,
+        muon_bucket_mb=args.muon_bucket_mb,
     )
     result = run_bench(cfg, backend=args.backend)
     from muon_megatron.runtime.torchrun import launcher_rank
