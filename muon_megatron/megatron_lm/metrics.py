@@ -8,11 +8,11 @@ TensorBoard and wandb writers) prints
 
 (with `--qk-clip` or `--log-max-attention-logit`, also `| max attention logit: 12.34`, the
 step's max before the clip, model-wide, and with `--qk-clip` `| qk-clipped heads: 0`:
-`qk_clip.py`) and writes every `builder.muon_metrics` value under its name (`muon/update_rms`, ...) to
-TensorBoard (`add_scalar`) and wandb (`log`), at the same step as Megatron's own scalars.
-The figures are the last step's, of the optimizer this process built: with pipeline
-parallelism, the last stage's matrices. Nothing here communicates, so logging can never
-make ranks wait on each other.
+`qk_clip.py`) and writes every `builder.muon_metrics` value under its name
+(`muon/update_rms`, ...) to TensorBoard (`add_scalar`) and wandb (`log`), at the same step
+as Megatron's own scalars. The figures are the last step's, of the optimizer this process
+built: with pipeline parallelism, the last stage's matrices. Nothing here communicates, so
+logging can never make ranks wait on each other.
 """
 
 from __future__ import annotations

@@ -255,12 +255,13 @@ class QKClip:
         return self.last_stats
 
     def _stats(self, per_layer: list[torch.Tensor], clipped: int) -> QKClipStats:
-        device = per_layer[0].device if per_layer else _default_device()
         if per_layer:
             local_max = torch.stack([s.max() for s in per_layer]).max().double().reshape(1)
         else:  # a pipeline stage without attention layers
-            local_max = torch.full((1,), float("-inf"), dtype=torch.float64, device=device)
-        counts = torch.tensor([float(clipped)], dtype=torch.float64, device=device)
+            local_max = torch.full(
+                (1,), float("-inf"), dtype=torch.float64, device=_default_device()
+            )
+        counts = torch.tensor([float(clipped)], dtype=torch.float64, device=local_max.device)
         if self._size(self.log_group) > 1:
             torch.distributed.all_reduce(local_max, torch.distributed.ReduceOp.MAX, self.log_group)
             torch.distributed.all_reduce(counts, group=self.log_group)
@@ -283,7 +284,8 @@ def _default_device() -> torch.device:
 
 def qk_clip_from_args(args, model_chunks) -> QKClip | None:
     """The QK-Clip of a run with Megatron-LM's flags (the training entry's, Megatron-LM's
-    own `args`): --qk-clip clips (and logs), --log-max-attention-logit alone only logs; None when neither is set (nothing hooked: today's run, bit for bit)."""
+    own `args`): --qk-clip clips (and logs), --log-max-attention-logit alone only logs; None
+    when neither is set (nothing hooked: today's run, bit for bit)."""
     if not (args.qk_clip or args.log_max_attention_logit):
         return None
     return QKClip.for_model(

@@ -166,7 +166,9 @@ def test_validate_args_refuses_unsupported_runs_before_training(overrides, messa
 
 
 @pytest.mark.parametrize("impl", ["local", "transformer_engine"])
-def test_qk_clip_on_the_local_attention_skips_megatrons_te_assertion_only(impl) -> None:
+def test_qk_clip_on_the_local_attention_skips_megatrons_te_assertion_only(
+    impl, monkeypatch
+) -> None:
     """Megatron-LM asserts TE >= 2.9 for --qk-clip / --log-max-attention-logit; with the
     local attention its validation sees both off (our QK-Clip computes the logits), while
     its argument dump and everything after see the user's values. With TE, Megatron checks
@@ -182,13 +184,10 @@ def test_qk_clip_on_the_local_attention_skips_megatrons_te_assertion_only(impl) 
         return validate(a, defaults)
 
     mods.initialize.validate_args = hooks._marked(hooks._validating(recording_validate))
-    real_print = _print_args.__globals__["_print_args"]
-    try:
-        _print_args.__globals__["_print_args"] = lambda t, a: dumped.append(
-            (a.optimizer, a.qk_clip, a.log_max_attention_logit))
-        mods.initialize.validate_args(args, {})
-    finally:
-        _print_args.__globals__["_print_args"] = real_print
+    # The argument dump: what the stand-in validate_args prints, as Megatron-LM's does.
+    monkeypatch.setitem(globals(), "_print_args", lambda t, a: dumped.append(
+        (a.optimizer, a.qk_clip, a.log_max_attention_logit)))
+    mods.initialize.validate_args(args, {})
     megatron_sees = impl == "transformer_engine"
     assert during == [(megatron_sees, megatron_sees)] and seen == ["adam"]
     assert dumped == [("muon", True, True)]
