@@ -44,6 +44,7 @@ import functools
 import logging
 import os
 import runpy
+import subprocess
 import sys
 import types
 from collections.abc import Callable
@@ -192,6 +193,7 @@ def _dispatching_builder(
         muon_config = _check_muon_run(args)
         known = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
         optimizer = get_muon_optimizer(config, model_chunks, muon_config, **known)
+        metrics.print_plan_summary(optimizer)
         metrics.remember_optimizer(optimizer)
         qk_clip.build_for(args, model_chunks)
         return optimizer
@@ -369,8 +371,19 @@ def _install_cpu_stand_ins_without_cuda() -> None:
 def main(argv: list[str] | None = None) -> None:
     """`python -m muon_megatron.megatron_lm SCRIPT.py [args]`: install, then run SCRIPT."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--plan":
+        # The plan of the same launch line: the script is named, its flags are planned (by
+        # `muon_megatron.planner`, a layer above this one, in its own process).
+        rest = argv[1:]
+        if rest and rest[0].endswith(".py"):
+            rest = rest[1:]
+        prog = "--prog=python -m muon_megatron.megatron_lm --plan"
+        command = [sys.executable, "-m", "muon_megatron.planner", prog, *rest]
+        raise SystemExit(subprocess.run(command).returncode)
     if not argv or not argv[0].endswith(".py"):
-        raise SystemExit("usage: python -m muon_megatron.megatron_lm pretrain_gpt.py [args...]")
+        raise SystemExit(
+            "usage: python -m muon_megatron.megatron_lm [--plan] pretrain_gpt.py [args...]"
+        )
     # As `python SCRIPT.py` would: the script's directory (the Megatron-LM checkout) first.
     sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
     _install_cpu_stand_ins_without_cuda()

@@ -23,7 +23,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["built_optimizer", "format_muon_log_line", "logging_muon_metrics", "remember_optimizer"]
+__all__ = [
+    "built_optimizer",
+    "format_muon_log_line",
+    "logging_muon_metrics",
+    "print_plan_summary",
+    "remember_optimizer",
+]
 
 _built: list[weakref.ref] = []
 
@@ -31,6 +37,18 @@ _built: list[weakref.ref] = []
 def remember_optimizer(optimizer: Any) -> None:
     """Record the optimizer the Megatron-LM hook built, for `training_log` to report on."""
     _built[:] = [weakref.ref(optimizer)]
+
+
+def print_plan_summary(optimizer: Any) -> None:
+    """`muon-megatron plan`'s lines for this rank's stage (`costmodel.startup`), printed by
+    rank 0 when the hook has built the optimizer."""
+    import torch.distributed as dist
+
+    from muon_megatron.costmodel.startup import plan_summary
+
+    if dist.is_initialized() and dist.get_rank() == 0:
+        for line in plan_summary(optimizer):
+            print(line, flush=True)
 
 
 def built_optimizer() -> Any | None:

@@ -20,7 +20,37 @@ from muon_megatron.ops.update import update_scale
 from muon_megatron.optimizer.grid import Grid
 from muon_megatron.optimizer.plan import MuonMatrix
 
-__all__ = ["Bucket"]
+__all__ = ["Bucket", "Transfers", "bucket_transfers"]
+
+
+Transfers = dict[tuple[int, int], int]
+"""Elements moved from grid member `src` to grid member `dst`, keyed (src, dst)."""
+
+
+def bucket_transfers(matrices: list[MuonMatrix], grid: Grid) -> tuple[Transfers, Transfers]:
+    """What every pair of grid members sends each other in one bucket: (gather, scatter).
+
+    Gather: each member sends its ZeRO-1 shard of a matrix (TP rank 0's alone for a
+    TP-replicated tensor) to the matrix's owner. Scatter: the owner returns every member its
+    shard of the update. What stays on the owner is not counted. The bucket's own receive
+    sizes and the planner's per-rank bytes both come from here."""
+    member = {coords: g for g, coords in enumerate(grid.coords)}
+    gather: Transfers = {}
+    scatter: Transfers = {}
+    for m in matrices:
+        owner = m.owner
+        for d, (start, end) in enumerate(m.dp_ranges):
+            n = end - start
+            if n == 0:
+                continue
+            for t in range(grid.tp_size):
+                g = member[(t, d)]
+                if g == owner:
+                    continue
+                if m.sends_from(t):
+                    gather[(g, owner)] = gather.get((g, owner), 0) + n
+                scatter[(owner, g)] = scatter.get((owner, g), 0) + n
+    return gather, scatter
 
 
 class Bucket:
@@ -49,14 +79,9 @@ class Bucket:
                 )
         self.owned_scales: list[float] = scales
         self.owned_job_index = torch.tensor(job_matrix, dtype=torch.long, device=device)
-        self._gather_recv = [
-            0 if g == self.me else sum(m.shard_numel(d) for m in self.mine if m.sends_from(t))
-            for g, (t, d) in enumerate(grid.coords)
-        ]
-        self._scatter_recv = [
-            0 if o == self.me else sum(m.shard_numel(self.my_dp) for m in matrices if m.owner == o)
-            for o in range(grid.size)
-        ]
+        gather, scatter = bucket_transfers(matrices, grid)
+        self._gather_recv = [gather.get((g, self.me), 0) for g in range(grid.size)]
+        self._scatter_recv = [scatter.get((o, self.me), 0) for o in range(grid.size)]
 
     @property
     def numel(self) -> int:

@@ -86,12 +86,14 @@ def get_muon_optimizer(
     pg_collection=None,
     *,
     is_muon: Callable[[str, torch.Tensor], bool] | None = None,
+    tp_groups_of: Callable[[int, bool], list[int]] | None = None,
     **megatron_kw,
 ):
     """Megatron optimizer with Muon for 2-D hidden weights (same arguments as
     `megatron.core.optimizer.get_megatron_optimizer`, plus `muon_config` and `is_muon`;
     `is_muon` defaults to `routing.rules.muon_param_rule(muon_config)`, and
-    `muon_norm_weight_decay` sets the weight-decay `config_overrides`).
+    `muon_norm_weight_decay` sets the weight-decay `config_overrides`; `tp_groups_of` is
+    the planner's, see `MuonDistributedOptimizer`).
 
     `megatron_kw`: the installed megatron-core's other keyword arguments (0.19's
     `dump_param_to_param_group_map`, say), passed on where its `get_megatron_optimizer` takes
@@ -135,6 +137,7 @@ def get_muon_optimizer(
         muon_config=muon_config,
         is_muon=is_muon,
         pg_collection=pg_collection,
+        tp_groups_of=tp_groups_of,
     )
     with _muon_as_distributed_optimizer(factory):
         optimizer = get_megatron_optimizer(

@@ -43,7 +43,8 @@ the bucket size changes only which same-shape matrices share one batched Newton-
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -82,8 +83,10 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
     (`nonfinite.NonFiniteGradSkipMixin`): `prepare_grads` reports found_inf on every rank
     together, the step is skipped and counted in `skipped_steps`.
 
-    Takes DistributedOptimizer's arguments plus `muon_config` and `is_muon` (name, param)
-    -> bool. Construct through `muon_megatron.get_muon_optimizer`.
+    Takes DistributedOptimizer's arguments plus `muon_config`, `is_muon` (name, param)
+    -> bool and `tp_groups_of` (global rank, expert=) -> that rank's TP group, which only
+    the planner passes (`grid.build_grid`). Construct through
+    `muon_megatron.get_muon_optimizer`.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         muon_config: MuonConfig,
         is_muon: Callable[[str, torch.Tensor], bool] = is_muon_param,
         pg_collection=None,
+        tp_groups_of: Callable[[int, bool], Sequence[int]] | None = None,
         **kwargs,
     ) -> None:
         optimizer = args[0] if args else kwargs["optimizer"]
@@ -106,6 +110,7 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         )
         super().__init__(*args, **kwargs)
         self.muon_config = muon_config
+        self.expert = is_expert
         self.ns_calls = 0
         # (param name, logical matrix index within it) -> Newton-Schulz runs on this rank.
         self.ns_counts: Counter[tuple[str, int]] = Counter()
@@ -120,7 +125,10 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
             tp_group = parallel_state.get_tensor_model_parallel_group()
         # Collective: every rank takes part, also a stub optimizer with no params.
         dp_group = getattr(self, "data_parallel_group", None) or kwargs["data_parallel_group"]
-        self.grid: Grid = build_grid(tp_group, dp_group)
+        tp_group_of = None
+        if tp_groups_of is not None:
+            tp_group_of = functools.partial(tp_groups_of, expert=is_expert)
+        self.grid: Grid = build_grid(tp_group, dp_group, tp_group_of)
         self._matrices: list[MuonMatrix] = []
         self._buckets: list[Bucket] = []
         # The optimizers whose Muon phases this one runs, pipelined together, in its

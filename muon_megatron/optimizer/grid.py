@@ -13,6 +13,7 @@ building optimizers again creates no new groups.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,51 +21,54 @@ import torch.distributed as dist
 
 from muon_megatron.optimizer.hang_watch import watched
 
-__all__ = ["Grid", "build_grid", "InFlight", "start_all_to_all"]
+__all__ = ["Grid", "TPGroupsOf", "build_grid", "forget_groups", "grid_coords", "InFlight", "start_all_to_all"]
 
 
 @dataclass(frozen=True)
 class Grid:
     """A DP x TP grid: `group` (None when it is this rank alone) and, for each member in
-    group-rank order, its (tp_rank, dp_rank)."""
+    group-rank order, its (tp_rank, dp_rank) and its global rank."""
 
     group: dist.ProcessGroup | None
     rank: int
     coords: tuple[tuple[int, int], ...]
     tp_size: int
     dp_size: int
+    ranks: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
         return len(self.coords)
 
 
+TPGroupsOf = Callable[[int], Sequence[int]]
+"""A global rank -> the global ranks of its TP group (the one the grid is built from)."""
+
 _GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
 
 
-def build_grid(tp_group: dist.ProcessGroup, dp_group: dist.ProcessGroup) -> Grid:
-    """The grid of this rank. Collective over `dp_group` only (one all-gather of a few ints
-    per rank), then over the grid's own ranks the first time a grid is seen."""
+def build_grid(
+    tp_group: dist.ProcessGroup,
+    dp_group: dist.ProcessGroup,
+    tp_group_of: TPGroupsOf | None = None,
+) -> Grid:
+    """The grid of this rank.
+
+    The DP peers' TP groups are exchanged over `dp_group` (one all-gather of a few ints per
+    rank), unless `tp_group_of` gives them: the planner (`muon_megatron.planner`) builds one
+    rank of a large world in a single process, over a fake process group, and reads them
+    from megatron-core's own rank layout. Then, the first time a grid is seen, its group is
+    created over the grid's own ranks."""
     tp_size, dp_size = tp_group.size(), dp_group.size()
     me = dist.get_rank()
     tp_ranks = dist.get_process_group_ranks(tp_group)
-    mine_info = torch.tensor([tp_group.rank(), *tp_ranks], dtype=torch.long)
-    gathered = [torch.empty_like(mine_info) for _ in range(dp_size)]
-    if dp_size > 1:
-        with watched("Muon grid construction all_gather", dp_group):
-            dist.all_gather(gathered, _on_backend_device(mine_info, dp_group), group=dp_group)
-        gathered = [g.cpu() for g in gathered]
+    if tp_group_of is not None:
+        peers = [list(tp_group_of(p)) for p in dist.get_process_group_ranks(dp_group)]
     else:
-        gathered = [mine_info]
-    # Member coords: (TP rank, DP rank) of each rank of the union of the DP peers' TP groups.
-    coords_of: dict[int, tuple[int, int]] = {}
-    for d, info in enumerate(gathered):
-        for t, rank in enumerate(info[1:].tolist()):
-            coords_of[rank] = (t, d)
+        peers = _exchange_tp_groups(tp_ranks, dp_group)
+    coords_of = grid_coords(peers)
     mine = tuple(sorted(coords_of))
-    if len(mine) != tp_size * dp_size or any(
-        len(info) != tp_size + 1 for info in gathered
-    ):
+    if len(mine) != tp_size * dp_size or any(len(p) != tp_size for p in peers):
         raise ValueError(
             f"rank {me}: the TP group {tp_ranks} and DP group "
             f"{dist.get_process_group_ranks(dp_group)} do not form a {tp_size}x{dp_size} grid "
@@ -78,7 +82,30 @@ def build_grid(tp_group: dist.ProcessGroup, dp_group: dist.ProcessGroup) -> Grid
     if group is not None and dist.get_group_rank(group, me) != mine.index(me):
         raise RuntimeError("grid group ranks are not in ascending global-rank order")
     coords = tuple(coords_of[r] for r in mine)
-    return Grid(group, mine.index(me), coords, tp_size, dp_size)
+    return Grid(group, mine.index(me), coords, tp_size, dp_size, mine)
+
+
+def forget_groups() -> None:
+    """Drop the cached grid groups (after `torch.distributed.destroy_process_group`)."""
+    _GROUPS.clear()
+
+
+def grid_coords(peer_tp_groups: Sequence[Sequence[int]]) -> dict[int, tuple[int, int]]:
+    """(TP rank, DP rank) of every global rank of the grid, from the TP group (global ranks,
+    in TP-rank order) of each DP peer, in DP-rank order."""
+    return {rank: (t, d) for d, group in enumerate(peer_tp_groups) for t, rank in enumerate(group)}
+
+
+def _exchange_tp_groups(tp_ranks: list[int], dp_group: dist.ProcessGroup) -> list[list[int]]:
+    """Every DP peer's TP group (global ranks), in DP-rank order: one all-gather."""
+    dp_size = dp_group.size()
+    mine_info = torch.tensor(tp_ranks, dtype=torch.long)
+    if dp_size == 1:
+        return [tp_ranks]
+    gathered = [torch.empty_like(mine_info) for _ in range(dp_size)]
+    with watched("Muon grid construction all_gather", dp_group):
+        dist.all_gather(gathered, _on_backend_device(mine_info, dp_group), group=dp_group)
+    return [g.cpu().tolist() for g in gathered]
 
 
 def _on_backend_device(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -67,12 +67,13 @@ def run_pipeline(members: list[Any], trace: list | None = None) -> None:
         if k + 1 < len(items):
             gathers[k + 1] = start_gather(k + 1)
         note("ns_begin", k)
+        inputs = _nbytes(owned)  # measured first: orthogonalizing frees them
         updates = opt._phase3_orthogonalize(bucket, owned)
         note("ns_end", k)
         # The most this step holds at once: the next gather and the previous scatter in
         # flight, this bucket's inputs and updates (Newton-Schulz work space not counted).
         flights = list(gathers.values()) + ([pending[1]] if pending else [])
-        peak = max(peak, sum(f.nbytes for f in flights) + _nbytes(owned) + _nbytes(updates))
+        peak = max(peak, sum(f.nbytes for f in flights) + inputs + _nbytes(updates))
         del owned
         scatter = opt._phase4_start_scatter(bucket, updates)
         note("scatter_issue", k)

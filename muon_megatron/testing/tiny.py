@@ -44,6 +44,7 @@ __all__ = [
     "ModelSpec",
     "Layout",
     "megatron_args",
+    "megatron_argv",
     "initialize_parallel",
     "transformer_config",
     "build_model",
@@ -131,6 +132,12 @@ class Layout:
 
 def megatron_args(spec: ModelSpec, layout: Layout, seed: int = 0) -> argparse.Namespace:
     """The training entry's arguments (Megatron-LM flag names) for `spec` under `layout`."""
+    return build_parser().parse_args(megatron_argv(spec, layout, seed))
+
+
+def megatron_argv(spec: ModelSpec, layout: Layout, seed: int = 0) -> list[str]:
+    """The command line of `megatron_args`: what `examples/pretrain_moe.py` (and
+    `muon-megatron plan`) would be given for `spec` under `layout`."""
     argv = [
         f"--tensor-model-parallel-size={layout.tp}",
         f"--pipeline-model-parallel-size={layout.pp}",
@@ -184,7 +191,7 @@ def megatron_args(spec: ModelSpec, layout: Layout, seed: int = 0) -> argparse.Na
             argv.append(f"--q-lora-rank={spec.q_lora_rank}")
     if spec.qk_layernorm:
         argv.append("--qk-layernorm")
-    return build_parser().parse_args(argv)
+    return argv
 
 
 def initialize_parallel(layout: Layout, seed: int) -> None:

@@ -118,9 +118,15 @@ def _bench(argv: Sequence[str]) -> int:
     return bench.main(argv)
 
 
+def _plan(argv: Sequence[str]) -> int:
+    from muon_megatron.planner import run
+
+    return run.main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"verify": _verify, "demo": _demo, "bench": _bench}
+    commands = {"verify": _verify, "demo": _demo, "bench": _bench, "plan": _plan}
     if not argv or argv[0] not in commands:
         print(f"usage: muon-megatron {{{','.join(commands)}}} [options]", file=sys.stderr)
         return 2

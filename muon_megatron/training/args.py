@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
                    help="Default: the tensor-parallel size (as in Megatron-LM).")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="Context parallelism: taken by `muon-megatron plan`; the training "
+                   "entry's local attention does not support it (refused above 1).")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
@@ -90,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Accepted for Megatron-LM compatibility; always on (ZeRO-1).")
     g.add_argument("--overlap-grad-reduce", action="store_true")
     g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="Elements per DDP gradient bucket with --overlap-grad-reduce (default: "
+                   "megatron's, max(40M, 1M x DP size)).")
     g.add_argument("--world-size", type=int, default=None,
                    help="Without torchrun (CPU only): number of gloo processes to spawn. "
                    "Default: the smallest world the parallel sizes need.")
@@ -251,6 +257,7 @@ def layout_errors(args: argparse.Namespace, world_size: int) -> list[str]:
     """What keeps the model from running under its parallel layout on `world_size` ranks,
     one message per problem naming the flag and the fix ([] when it can run)."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    cp = args.context_parallel_size
     ep, etp = args.expert_model_parallel_size, _etp(args)
     errors: list[str] = []
 
@@ -258,9 +265,10 @@ def layout_errors(args: argparse.Namespace, world_size: int) -> list[str]:
         if not ok:
             errors.append(message)
 
-    need(world_size % (tp * pp) == 0,
-         f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}")
-    dp = world_size // (tp * pp) if world_size % (tp * pp) == 0 else 1
+    need(cp >= 1, f"--context-parallel-size {cp} must be >= 1")
+    need(world_size % (tp * pp * cp) == 0,
+         f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
+    dp = world_size // (tp * pp * cp) if world_size % (tp * pp * cp) == 0 else 1
     need(args.num_attention_heads % tp == 0,
          f"--num-attention-heads {args.num_attention_heads} is not divisible by tp={tp}")
     if args.group_query_attention:
@@ -287,9 +295,9 @@ def layout_errors(args: argparse.Namespace, world_size: int) -> list[str]:
     else:
         need(args.num_experts % ep == 0,
              f"--num-experts {args.num_experts} is not divisible by ep={ep}")
-        need((dp * tp) % (ep * etp) == 0,
-             f"ep x etp = {ep} x {etp} must divide dp x tp = {dp} x {tp}; change --world-size "
-             "or --expert-tensor-parallel-size")
+        need((dp * cp * tp) % (ep * etp) == 0,
+             f"ep x etp = {ep} x {etp} must divide dp x cp x tp = {dp} x {cp} x {tp}; change "
+             "--world-size or --expert-tensor-parallel-size")
         need(tp == 1 or args.sequence_parallel,
              f"megatron requires --sequence-parallel for MoE with tp={tp}")
         need(args.moe_router_topk <= args.num_experts,
@@ -343,6 +351,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
          f"--global-batch-size {args.global_batch_size} must be a multiple of "
          f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dp}")
     need(not args.fp16, "--fp16 is not supported with muon-megatron; use --bf16")
+    need(args.context_parallel_size == 1,
+         f"--context-parallel-size {args.context_parallel_size}: the training entry's local "
+         "attention does not support context parallelism; use 1 (`muon-megatron plan` takes it)")
     need(args.vocab_size >= VOCAB_SIZE,
          f"--vocab-size {args.vocab_size} is below the byte tokenizer's {VOCAB_SIZE}")
     decay = args.lr_decay_iters or args.train_iters

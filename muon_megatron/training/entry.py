@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train on this rank (torch.distributed initialised); rank 0 returns the summary."""
     from megatron.core import parallel_state
 
+    from muon_megatron.costmodel.startup import plan_summary
     from muon_megatron.optimizer.muon_clip import qk_clip_from_args
     from muon_megatron.training import model as gpt
     from muon_megatron.training import step
@@ -130,6 +131,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     gpt.initialize_parallel(args)
     model = gpt.build_model(args)
     optimizer, scheduler = step.build_optimizer_and_scheduler(args, model)
+    if torch.distributed.get_rank() == 0:
+        for line in plan_summary(optimizer):
+            print(line, flush=True)
     qk_clip = qk_clip_from_args(args, model)
     start = load_if_present(args, model, optimizer, scheduler) if args.load else 0
     corpus = stdlib_corpus()

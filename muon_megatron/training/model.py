@@ -63,11 +63,15 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def initialize_parallel(args: argparse.Namespace, *, seed_per_stage: bool = True) -> None:
+def initialize_parallel(
+    args: argparse.Namespace, *, seed_per_stage: bool = True, gloo_groups: bool = True
+) -> None:
     """Megatron's process groups for the layout, and every RNG seeded from `args.seed`.
 
     `seed_per_stage`: Megatron-LM's `_set_random_seed` (seed + 100 x pipeline rank); the
     test harness turns it off so that every layout starts every RNG from the same seed.
+    `gloo_groups=False`: no gloo groups beside the main ones (the planner's fake world has
+    no gloo to build them on).
     """
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -75,6 +79,8 @@ def initialize_parallel(args: argparse.Namespace, *, seed_per_stage: bool = True
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        create_gloo_process_groups=gloo_groups,
     )
     seed = args.seed
     if seed_per_stage:
@@ -156,6 +162,7 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        context_parallel_size=args.context_parallel_size,
         num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
         sequence_parallel=args.sequence_parallel,
@@ -235,7 +242,9 @@ def _require_local_grouped_mlp() -> None:
 
 
 def build_model(
-    args: argparse.Namespace, *, ddp_overrides: dict[str, Any] | None = None
+    args: argparse.Namespace,
+    *,
+    ddp_overrides: dict[str, Any] | None = None,
 ) -> list[torch.nn.Module]:
     """This rank's model chunk: GPTModel [-> Float16Module] -> megatron DDP (ZeRO-1).
 
@@ -284,7 +293,9 @@ def build_model(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather,
-        bucket_size=40_000_000 if args.overlap_grad_reduce else None,
+        # None: megatron's DDP takes max(40M, 1M x DP size) with --overlap-grad-reduce and
+        # one bucket without, as Megatron-LM does (training.py get_model).
+        bucket_size=args.ddp_bucket_size,
     )
     ddp_kwargs.update(ddp_overrides or {})
     ddp_config = DistributedDataParallelConfig(**ddp_kwargs)

@@ -25,9 +25,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("muon_megatron.routing",),
     ("muon_megatron.reference",),
     ("muon_megatron.optimizer",),
+    ("muon_megatron.costmodel",),
     ("muon_megatron.runtime",),
     ("muon_megatron.megatron_lm",),
     ("muon_megatron.training",),
+    ("muon_megatron.planner",),
     ("muon_megatron.testing",),
     ("muon_megatron.tools",),
     # Old import paths and the lazy public names: for users, never imported from inside.

@@ -224,8 +224,9 @@ _TENSORBASE_TYPE = torch._C.TensorBase.type
 def _type_with_cuda_names(
     self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any
 ) -> Any:
-    if dtype is None and not kwargs and self.device.type == "cpu":
-        return "torch.cuda." + _TENSORBASE_TYPE(self)[len("torch.") :]
+    if dtype is None and not kwargs and self.device.type in ("cpu", "meta"):
+        # 'torch.FloatTensor' (CPU) or 'torch.meta.FloatTensor' (the planner's meta params)
+        return "torch.cuda." + _TENSORBASE_TYPE(self).rsplit(".", 1)[-1]
     return _TENSORBASE_TYPE(self, dtype, non_blocking, **kwargs)
 
 
