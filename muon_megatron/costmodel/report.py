@@ -113,7 +113,8 @@ def verdict(stages: list[StageEstimate], model: ModelCost, hw: Hardware) -> str:
         f"{adamw / (step + adamw):.1%})",
         f"Newton-Schulz critical path {ratio:.2f}x the ideal"
         + (" (owners wait on each other: see the buckets)" if ratio > 1.10 else ""),
-        f"megatron-core's Muon {mcore / muon:.1f}x and Moonlight's {moon / muon:.1f}x our time",
+        f"megatron-core's Muon would take {mcore / muon:.1f}x and Moonlight's {moon / muon:.1f}x "
+        "our time",
     ]
     return "verdict: " + "; ".join(parts)
 

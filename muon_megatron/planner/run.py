@@ -50,6 +50,9 @@ def plan_parser(prog: str = "muon-megatron plan") -> argparse.ArgumentParser:
                    help="Nodes; the world is nnodes x the GPU's GPUs per node (unless "
                    "--world-size is given).")
     g.add_argument("--json", default=None, metavar="PATH", help="Also write the plan as JSON.")
+    g.add_argument("--model", default=None, metavar="PRESET",
+                   help="A named model's flags (planner.presets: moonlight-16b-a3b, kimi-k2, "
+                   "gpt-7b), replaced in place: flags after it win.")
     parser.set_defaults(optimizer="muon", transformer_impl="transformer_engine")
     add_hardware_args(parser)
     return parser
@@ -171,11 +174,12 @@ def _run(argv: Sequence[str], prog: str) -> int:
     from muon_megatron.runtime.cpu_shims import install_cpu_shims
     from muon_megatron.training.args import layout_errors
 
-    parser = plan_parser(prog)
-    args, unknown = parser.parse_known_args(list(argv))
     from muon_megatron.costmodel.hardware import hardware_from_args
+    from muon_megatron.planner.presets import preset_argv
 
+    parser = plan_parser(prog)
     try:
+        args, unknown = parser.parse_known_args(preset_argv(list(argv)))
         world = _world_size(args, hardware_from_args(args).gpus_per_node)
         errors = layout_errors(args, world)
         if errors:

@@ -13,6 +13,8 @@ event model plays the same issue order.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -145,3 +147,29 @@ def test_event_model_plays_run_pipelines_issue_order() -> None:
     ((trace, position, counts),) = result["seen"]
     assert min(counts) >= 2  # dense and expert members, interleaved
     assert issue_order(counts) == ([tuple(e) for e in trace], position)
+
+
+def test_a_megatron_lm_launch_line_is_planned_as_it_stands() -> None:
+    """`python -m muon_megatron.megatron_lm --plan pretrain_gpt.py <flags>`: the script and
+    the flags the planner does not model (data, tokenizer) are taken, the latter listed."""
+    argv = megatron_argv(DENSE, Layout(tp=2, sequence_parallel=True))
+    extra = ["--data-path", "/data/corpus_text_document", "--tokenizer-type", "GPT2BPETokenizer"]
+    done = subprocess.run(
+        [sys.executable, "-m", "muon_megatron.megatron_lm", "--plan", "pretrain_gpt.py",
+         *argv, *extra, "--world-size", "8"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("muon-megatron plan: 8 GPUs (1 nodes x 8), TP2 PP1 CP1 DP4")
+    assert f"not modelled (ignored): {' '.join(extra)}" in done.stdout
+    assert "\nverdict: fits" in done.stdout
+
+
+def test_a_layout_that_cannot_run_is_refused_naming_the_flag() -> None:
+    argv = megatron_argv(DENSE, Layout(tp=2, sequence_parallel=True))
+    done = subprocess.run(
+        [sys.executable, "-m", "muon_megatron.tools.cli", "plan", *argv, "--world-size", "5"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2
+    assert "world size 5 is not divisible by tp*pp*cp = 2*1*1" in done.stderr

@@ -55,8 +55,13 @@ def test_loss_falls_under_tp2_ep2_moe(optimizer: str, tmp_path: pathlib.Path) ->
         # Muon ran (its metrics exist) and its update RMS is near Moonlight's 0.2 target.
         rms = [r["update_rms"] for r in log["iterations"]]
         assert all(r is not None and 0.1 < r <= 0.21 for r in rms), rms
+        # The plan's summary of rank 0's stage, once, before training (docs/scale.md).
+        assert stdout.count("[muon plan] per step on H100 SXM: Newton-Schulz ideal") == 1
+        assert "[muon plan] dense TP2xDP2" in stdout
+        assert stdout.index("[muon plan]") < stdout.index(" iteration ")
     else:
         assert all(r["update_rms"] is None for r in log["iterations"])
+        assert "[muon plan]" not in stdout
     assert " iteration       30/      30 |" in stdout and "lm loss:" in stdout
 
 
