@@ -73,10 +73,6 @@ class Bounds:
         )
 
 
-# The smallest normal fp32 number, bf16's too (same exponent range). A positive scalar below
-# it is 0 or subnormal in the tensors it meets.
-_FP32_TINY = 2.0**-126
-
 
 def _knob(default, help: str, bounds: Bounds | None = None, moonlight: bool = False):
     """A `MuonConfig` field: its default, help text (the flag's), the `Bounds` of a numeric
@@ -174,12 +170,14 @@ class MuonConfig:
         1e-7,
         "Floor of the Frobenius norm used to normalize NS input.",
         Bounds(
-            _FP32_TINY,
+            1e-12,
             1e-3,
-            "it only keeps an all-zero momentum from 0/0: below the smallest normal fp32 / "
-            "bf16 number it turns subnormal, then 0 (in bf16 below 9e-41), and such a matrix "
-            "turns NaN; above 1e-3 it exceeds ordinary momentum norms and scales their "
-            "updates down instead",
+            "it stands in for the norm where the computed norm is too small to divide by: a "
+            "momentum whose entries are below ~1e-19 has squares that underflow in fp32 / "
+            "bf16, so its computed norm is 0 however many entries it has, and dividing by a "
+            "floor under 1e-12 blows it past what Newton-Schulz can take (inf / NaN weights; "
+            "1e-12 keeps it below norm 1 up to 1e9 elements, even with flush-to-zero); above "
+            "1e-3 it exceeds ordinary momentum norms and scales their updates down instead",
         ),
         moonlight=True,
     )

@@ -28,7 +28,7 @@ SILENT_BEFORE = [
     ("muon_matched_adamw_rms", 0.0, "(0, 10]", "0.2"),  # froze every Muon weight
     ("muon_matched_adamw_rms", math.nan, "(0, 10]", "0.2"),  # NaN weights after step 1
     ("muon_extra_scale_factor", math.inf, "(0, 1000]", "1.0"),  # NaN weights after step 1
-    ("muon_eps", -1.0, "[1.17549e-38, 0.001]", "1e-07"),
+    ("muon_eps", -1.0, "[1e-12, 0.001]", "1e-07"),
 ]
 
 
