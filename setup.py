@@ -21,7 +21,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # hypothesis: the property test of MuonConfig (tests/unit_tests/test_config_property.py)
+        "test": ["pytest>=7", "hypothesis"],
         "plot": ["matplotlib"],
         # megatron-core's own Muon, for `muon-megatron bench` only. Install it with
         # `pip install --no-deps --ignore-requires-python emerging-optimizers==0.3.0 absl-py`
