@@ -82,11 +82,12 @@ def _knob(default, help: str, bounds: Bounds | None = None, moonlight: bool = Fa
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class MuonConfig:
     """Muon hyper-parameters and layout options (all fields are `muon_*`), every one checked
     when the config is built: numbers against their `Bounds`, choices against their
-    `Literal`, bools as bools."""
+    `Literal`, bools as bools. Frozen, so that no field changes after the check (use
+    `dataclasses.replace`, which checks again)."""
 
     muon_momentum: float = _knob(
         0.95,

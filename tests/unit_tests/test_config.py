@@ -95,6 +95,14 @@ def test_ints_and_floats_are_both_numbers_for_a_float_field() -> None:
     assert MuonConfig(muon_bucket_mb=1).muon_bucket_mb == 1
 
 
+def test_a_built_config_cannot_be_changed_past_the_check() -> None:
+    cfg = MuonConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.muon_eps = -1.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match="muon_eps=-1.0"):
+        dataclasses.replace(cfg, muon_eps=-1.0)
+
+
 BAD_FLAGS = [
     (["--muon-matched-adamw-rms", "-1"], "muon_matched_adamw_rms=-1.0"),
     (["--muon-matched-adamw-rms", "nan"], "muon_matched_adamw_rms=nan"),
