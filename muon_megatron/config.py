@@ -73,7 +73,6 @@ class Bounds:
         )
 
 
-
 def _knob(default, help: str, bounds: Bounds | None = None, moonlight: bool = False):
     """A `MuonConfig` field: its default, help text (the flag's), the `Bounds` of a numeric
     field, and whether the default is Moonlight's recipe (errors then say so)."""
@@ -277,7 +276,12 @@ def _check_field(f: dataclasses.Field, hint: Any, value: Any) -> None:
                 f"{named} is not one of {choices}; pick one of those. {_default_text(f)}"
             )
         return
-    bounds: Bounds = f.metadata["bounds"]
+    bounds: Bounds | None = f.metadata["bounds"]
+    if hint not in (int, float) or bounds is None:
+        raise TypeError(
+            f"MuonConfig.{f.name} ({hint}) has no check: make it a bool, a Literal of str, or "
+            "an int / float with Bounds."
+        )
     number = numbers.Integral if hint is int else numbers.Real
     kind = "an int" if hint is int else "a number"
     allowed = f"{kind} in {bounds}"
