@@ -16,12 +16,17 @@ setup(
     packages=find_packages(include=["muon_megatron", "muon_megatron.*"]),
     install_requires=[
         "torch>=2.9",
-        "megatron-core>=0.16.1,<=0.19.2",  # the tested range: README, tests/newest_core.sh
+        # The oldest tested release and no upper bound, so that pip keeps a newer megatron-core
+        # a user has; get_muon_optimizer warns outside the tested range, which
+        # muon_megatron/optimizer/core_versions.py names (TESTED_MEGATRON_CORE).
+        "megatron-core>=0.16.1",
+        "packaging",
         "psutil",
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # hypothesis: the property test of MuonConfig (tests/unit_tests/test_config_property.py)
+        "test": ["pytest>=7", "hypothesis"],
         "plot": ["matplotlib"],
         # megatron-core's own Muon, for `muon-megatron bench` only. Install it with
         # `pip install --no-deps --ignore-requires-python emerging-optimizers==0.3.0 absl-py`

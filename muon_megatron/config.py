@@ -10,8 +10,12 @@ AdamW's lr and wd thanks to update-RMS matching).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
+import typing
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 __all__ = [
     "MuonConfig",
@@ -21,6 +25,7 @@ __all__ = [
     "NSDtype",
     "CommDtype",
     "RouterOptimizer",
+    "Bounds",
 ]
 
 ScaleMode = Literal["moonlight", "shape_scaling", "unit_rms_norm", "none"]
@@ -42,25 +47,83 @@ CommDtype = Literal["fp32", "bf16"]
 RouterOptimizer = Literal["adamw", "muon"]
 
 
-def _knob(default, help: str):
-    return field(default=default, metadata={"help": help})
+@dataclass(frozen=True)
+class Bounds:
+    """The finite values a numeric `MuonConfig` field accepts, from `low` to `high` (each end
+    included unless marked open), and `why`: what the bounds come from, said in the error
+    that refuses a value outside them (docs/flags.md shows the range)."""
+
+    low: float
+    high: float
+    why: str
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return (
+            f"{'(' if self.low_open else '['}{self.low:g}, "
+            f"{self.high:g}{')' if self.high_open else ']'}"
+        )
 
 
-@dataclass
+def _knob(default, help: str, bounds: Bounds | None = None, moonlight: bool = False):
+    """A `MuonConfig` field: its default, help text (the flag's), the `Bounds` of a numeric
+    field, and whether the default is Moonlight's recipe (errors then say so)."""
+    return field(
+        default=default, metadata={"help": help, "bounds": bounds, "moonlight": moonlight}
+    )
+
+
+@dataclass(frozen=True)
 class MuonConfig:
-    """Muon hyper-parameters and layout options (all fields are `muon_*`)."""
+    """Muon hyper-parameters and layout options (all fields are `muon_*`), every one checked
+    when the config is built: numbers against their `Bounds`, choices against their
+    `Literal`, bools as bools. Frozen, so that no field changes after the check (use
+    `dataclasses.replace`, which checks again)."""
 
     muon_momentum: float = _knob(
-        0.95, "Momentum coefficient mu of the EMA buffer m <- mu*m + (1-mu)*g."
+        0.95,
+        "Momentum coefficient mu of the EMA buffer m <- mu*m + (1-mu)*g.",
+        Bounds(
+            0.0,
+            1.0,
+            "mu is the weight of the old momentum in m <- mu*m + (1-mu)*g: at 1 no gradient "
+            "ever enters it, above 1 it grows without bound, below 0 it flips sign every step",
+            high_open=True,
+        ),
+        moonlight=True,
     )
     muon_nesterov: bool = _knob(
-        True, "Use Nesterov momentum: orthogonalize (1-mu)*g + mu*m instead of m."
+        True,
+        "Use Nesterov momentum: orthogonalize (1-mu)*g + mu*m instead of m.",
+        moonlight=True,
     )
-    muon_ns_steps: int = _knob(5, "Number of Newton-Schulz iterations.")
+    muon_ns_steps: int = _knob(
+        5,
+        "Number of Newton-Schulz iterations.",
+        Bounds(
+            1,
+            100,
+            "one iteration is the least that orthogonalizes at all; after about 10 the "
+            "singular values are as close to 1 as the coefficients take them (Polar "
+            "Express's table has 8 polynomials, then repeats its last; the quintic stays in "
+            "its band), and each one costs three matmuls per matrix, so beyond 100 (20 times "
+            "Moonlight's work) more iterations only multiply the optimizer's cost",
+        ),
+        moonlight=True,
+    )
     muon_coefficients: CoefficientSet = _knob(
         "quintic",
         "Newton-Schulz coefficients: 'quintic' (Keller Jordan / Moonlight 3.4445, -4.7750, "
         "2.0315 every step) or 'polar_express' (per-step table, arXiv 2505.16932).",
+        moonlight=True,
     )
     muon_scale_mode: ScaleMode = _knob(
         "moonlight",
@@ -69,19 +132,55 @@ class MuonConfig:
         "'shape_scaling' = sqrt(max(1, A/B)), 'unit_rms_norm' = sqrt(A/B) (both as in "
         "megatron-core), 'none' = 1. 'spectral' is refused: it means different things in "
         "megatron-core and muon-megatron 0.1.",
+        moonlight=True,
     )
     muon_extra_scale_factor: float = _knob(
         1.0,
         "Extra multiplier of the update scale in every mode (megatron-core's "
         "--muon-extra-scale-factor, with its meaning).",
+        Bounds(
+            0.0,
+            1000.0,
+            "it multiplies the update in every scale mode: 0 freezes every Muon weight and a "
+            "negative factor steps uphill; above 1000 (an update 1000 times the mode's own, "
+            "which no ordinary learning rate trains with) it is a typo rather than a setting, "
+            "and far above it the update overflows fp32 / bf16 to inf",
+            low_open=True,
+        ),
+        moonlight=True,
     )
     muon_matched_adamw_rms: float = _knob(
-        0.2, "Target update RMS of the 'moonlight' scale mode (Moonlight uses 0.2)."
+        0.2,
+        "Target update RMS of the 'moonlight' scale mode (Moonlight uses 0.2).",
+        Bounds(
+            0.0,
+            10.0,
+            "it is the RMS the 'moonlight' mode gives the update per unit lr: 0 freezes every "
+            "Muon weight and a negative value steps uphill; AdamW's update RMS is about 0.2 "
+            "and Adam's step |m/sqrt(v)| stays below 7.3 elementwise (betas 0.9, 0.999), so "
+            "above 10 it matches no AdamW (for a larger step, use --muon-extra-scale-factor)",
+            low_open=True,
+        ),
+        moonlight=True,
     )
     muon_ns_dtype: NSDtype = _knob(
-        "bf16", "Compute dtype of the Newton-Schulz matmuls ('bf16' or 'fp32')."
+        "bf16", "Compute dtype of the Newton-Schulz matmuls ('bf16' or 'fp32').", moonlight=True
     )
-    muon_eps: float = _knob(1e-7, "Floor of the Frobenius norm used to normalize NS input.")
+    muon_eps: float = _knob(
+        1e-7,
+        "Floor of the Frobenius norm used to normalize NS input.",
+        Bounds(
+            1e-12,
+            1e-3,
+            "it stands in for the norm where the computed norm is too small to divide by: a "
+            "momentum whose entries are below ~1e-19 has squares that underflow in fp32 / "
+            "bf16, so its computed norm is 0 however many entries it has, and dividing by a "
+            "floor under 1e-12 blows it past what Newton-Schulz can take (inf / NaN weights; "
+            "1e-12 keeps it below norm 1 up to 1e9 elements, even with flush-to-zero); above "
+            "1e-3 it exceeds ordinary momentum norms and scales their updates down instead",
+        ),
+        moonlight=True,
+    )
     muon_comm_dtype: CommDtype = _knob(
         "fp32",
         "Dtype of the momentum gather and update scatter ('bf16' halves the bytes; the "
@@ -102,6 +201,14 @@ class MuonConfig:
         "each. Buckets are pipelined (bucket k+1's gather and bucket k-1's scatter overlap "
         "bucket k's Newton-Schulz), so a large model needs several; a matrix larger than "
         "the bound gets a bucket of its own.",
+        Bounds(
+            0.0,
+            math.inf,
+            "it is a size in MiB: a positive, finite number (a small one is valid, only "
+            "slower: a matrix larger than the bound gets a bucket of its own)",
+            low_open=True,
+            high_open=True,
+        ),
     )
     muon_split_mla: bool = _knob(
         False,
@@ -122,26 +229,12 @@ class MuonConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.muon_scale_mode in REFUSED_SCALE_MODES:
-            raise ValueError(REFUSED_SCALE_MODES[self.muon_scale_mode])
-        _check_choice("muon_scale_mode", self.muon_scale_mode, ScaleMode)
-        _check_choice("muon_coefficients", self.muon_coefficients, CoefficientSet)
-        _check_choice("muon_ns_dtype", self.muon_ns_dtype, NSDtype)
-        _check_choice("muon_comm_dtype", self.muon_comm_dtype, CommDtype)
-        _check_choice("muon_router_optimizer", self.muon_router_optimizer, RouterOptimizer)
-        if not 0.0 <= self.muon_momentum < 1.0:
-            raise ValueError(
-                f"muon_momentum={self.muon_momentum} is outside [0, 1); Moonlight uses 0.95."
-            )
-        if self.muon_ns_steps < 1:
-            raise ValueError(f"muon_ns_steps={self.muon_ns_steps} must be >= 1 (default 5).")
-        if not self.muon_extra_scale_factor > 0:
-            raise ValueError(
-                f"muon_extra_scale_factor={self.muon_extra_scale_factor} must be positive "
-                "(default 1.0)."
-            )
-        if self.muon_bucket_mb <= 0:
-            raise ValueError(f"muon_bucket_mb={self.muon_bucket_mb} must be positive.")
+        """Refuse, naming the value, the allowed values and the default: a wrong type
+        (TypeError; a bool is not a number here, nor a number a bool) or a value outside
+        the field's choices or `Bounds` (ValueError; NaN and inf are outside every range)."""
+        hints = _field_types()
+        for f in dataclasses.fields(self):
+            _check_field(f, hints[f.name], getattr(self, f.name))
 
     @classmethod
     def from_namespace(cls, args) -> MuonConfig:
@@ -149,7 +242,55 @@ class MuonConfig:
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
-def _check_choice(name: str, value: str, choices_type) -> None:
-    choices = get_args(choices_type)
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {choices}; pick one of those.")
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(MuonConfig)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    whose = "Moonlight's value, the default," if f.metadata["moonlight"] else "The default"
+    return f"{whose} is {f.default!r}."
+
+
+def _check_field(f: dataclasses.Field, hint: Any, value: Any) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    named = f"{f.name}={value!r} ({flag})"
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(
+                f"{named} is of type {type(value).__name__}; pass True or False. "
+                f"{_default_text(f)}"
+            )
+        return
+    if typing.get_origin(hint) is Literal:
+        choices = get_args(hint)
+        if not isinstance(value, str):
+            raise TypeError(
+                f"{named} is of type {type(value).__name__}; pass one of {choices}. "
+                f"{_default_text(f)}"
+            )
+        if f.name == "muon_scale_mode" and value in REFUSED_SCALE_MODES:
+            raise ValueError(REFUSED_SCALE_MODES[value])
+        if value not in choices:
+            raise ValueError(
+                f"{named} is not one of {choices}; pick one of those. {_default_text(f)}"
+            )
+        return
+    bounds: Bounds | None = f.metadata["bounds"]
+    if hint not in (int, float) or bounds is None:
+        raise TypeError(
+            f"MuonConfig.{f.name} ({hint}) has no check: make it a bool, a Literal of str, or "
+            "an int / float with Bounds."
+        )
+    number = numbers.Integral if hint is int else numbers.Real
+    kind = "an int" if hint is int else "a number"
+    allowed = f"{kind} in {bounds}"
+    if isinstance(value, bool) or not isinstance(value, number):
+        raise TypeError(
+            f"{named} is of type {type(value).__name__}; pass {allowed}. {_default_text(f)}"
+        )
+    if value not in bounds:
+        raise ValueError(
+            f"{named} is outside the allowed range: pass {allowed} (finite), because "
+            f"{bounds.why}. {_default_text(f)}"
+        )

@@ -14,7 +14,7 @@ venv=.venv-newest-core
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q torch==2.13.0
 "$venv/bin/pip" install -q --no-deps --ignore-requires-python "megatron-core==$NEWEST_CORE"
-"$venv/bin/pip" install -q "numpy<2.5" packaging psutil triton "pytest>=7"
+"$venv/bin/pip" install -q "numpy<2.5" packaging psutil triton "pytest>=7" hypothesis
 "$venv/bin/pip" install -q --no-deps -e .
 "$venv/bin/python" -c "import importlib.metadata as m; print('+ megatron-core', m.version('megatron-core'))"
 mapfile -t subset < <(grep -v '^\s*#' tests/newest_core_subset.txt | grep -v '^\s*$')

@@ -258,7 +258,7 @@ def flags_markdown_table() -> str:
             values = ", ".join(f"`{c}`" for c in arg)
         else:
             name = f"`{flag}`"
-            values = arg.__name__
+            values = f"{arg.__name__} in {f.metadata['bounds']}"
         help_text = f.metadata["help"].replace("|", "\\|")
         lines.append(
             f"| {name} | {values} | `{_default_text(kind, f.default)}` | {help_text} |"

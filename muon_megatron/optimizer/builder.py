@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from muon_megatron.config import MuonConfig
+from muon_megatron.optimizer.core_versions import warn_if_untested_megatron_core
 from muon_megatron.optimizer.distributed import MuonDistributedOptimizer
 from muon_megatron.optimizer.nonfinite import check_once_per_step
 from muon_megatron.routing.rules import muon_param_rule
@@ -100,8 +101,13 @@ def get_muon_optimizer(
     them; a set one it does not take is refused (TypeError) rather than dropped.
 
     lr, weight decay and their schedule come from `config` and Megatron's scheduler for
-    both Muon and AdamW (Moonlight's recipe: keep AdamW's values)."""
+    both Muon and AdamW (Moonlight's recipe: keep AdamW's values).
+
+    Logs one warning per process when the imported megatron-core is outside the tested
+    releases (`core_versions.TESTED_MEGATRON_CORE`)."""
     from megatron.core.optimizer import get_megatron_optimizer
+
+    warn_if_untested_megatron_core()
 
     accepted = inspect.signature(get_megatron_optimizer).parameters
     unknown = sorted(k for k, v in megatron_kw.items() if k not in accepted and v is not None)

@@ -210,8 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("logging, evaluation and checkpoints")
     g.add_argument("--log-interval", type=int, default=100)
-    g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=1000,
+                   help="Evaluate every N iterations and once at the end, after the final "
+                   "save; 0: never.")
+    g.add_argument("--eval-iters", type=int, default=10,
+                   help="Validation batches per evaluation; 0: no evaluation (as in "
+                   "Megatron-LM).")
     g.add_argument("--output-dir", default="runs/pretrain_moe",
                    help="Where the JSON log and the loss-curve PNG go.")
     g.add_argument("--save", default=None)
@@ -362,6 +366,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
          f"({decay}, from --lr-decay-iters or --train-iters)")
     need(args.train_iters >= 1, f"--train-iters {args.train_iters} must be >= 1")
     need(args.log_interval >= 1, f"--log-interval {args.log_interval} must be >= 1")
+    need(args.eval_iters >= 0,
+         f"--eval-iters {args.eval_iters} must be >= 0 (0: no evaluation)")
+    need(args.eval_interval >= 0,
+         f"--eval-interval {args.eval_interval} must be >= 0 (0: no evaluation)")
+    need(args.save_interval is None or args.save_interval >= 0,
+         f"--save-interval {args.save_interval} must be >= 0 (0 or absent: save at the end "
+         "only)")
     if args.optimizer == "muon":
         try:  # refused --muon-* flags (Megatron-LM's that we do not honour) and bad values
             muon_config_from_args(args)

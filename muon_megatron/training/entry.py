@@ -174,6 +174,17 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             flush=True,
         )
         log["parameters_rank0"] = local
+    # Megatron-LM's `do_valid`: --eval-iters 0 means no evaluation at all; so does our
+    # --eval-interval 0. Otherwise every --eval-interval iterations and once at the end.
+    do_valid = bool(args.eval_iters > 0 and args.eval_interval)
+
+    def evaluate_and_print(iteration: int) -> None:
+        val = step.evaluate(args, model, lambda i: batch("valid", i))
+        log["validation"].append({"iteration": iteration, "loss": val})
+        if rank == 0:
+            print(f" validation loss at iteration {iteration:6d} | lm loss: {val:.6E} |"
+                  f" lm loss PPL: {math.exp(min(val, 50.0)):.6E}", flush=True)
+
     tokens_per_iter = args.global_batch_size * args.seq_length
     interval_time, interval_iters = 0.0, 0
     t_train = time.perf_counter()
@@ -213,21 +224,21 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                 per_iter = interval_time / interval_iters
                 print(_log_line(args, record, per_iter, time.perf_counter() - t_train), flush=True)
             interval_time, interval_iters = 0.0, 0
-        if args.eval_interval and (
-            iteration % args.eval_interval == 0 or iteration == args.train_iters
-        ):
-            val = step.evaluate(args, model, lambda i: batch("valid", i))
-            log["validation"].append({"iteration": iteration, "loss": val})
-            if rank == 0:
-                print(f" validation loss at iteration {iteration:6d} | lm loss: {val:.6E} |"
-                      f" lm loss PPL: {math.exp(min(val, 50.0)):.6E}", flush=True)
+        if do_valid and iteration % args.eval_interval == 0 and iteration != args.train_iters:
+            evaluate_and_print(iteration)
         if args.save is not None and args.save_interval and iteration % args.save_interval == 0:
             save(args, model, optimizer, scheduler, iteration)
         if not math.isfinite(loss):
             break
     last = log["iterations"][-1]["iteration"]
+    # The final checkpoint is written before the final evaluation, as Megatron-LM's `pretrain`
+    # saves after `train` returns and only then evaluates: the checkpoint is what the run
+    # trained for, and an evaluation that fails (a bad --eval-iters, a data error, a crash on
+    # the validation set) must not lose it.
     if args.save is not None and not (args.save_interval and last % args.save_interval == 0):
         save(args, model, optimizer, scheduler, last)
+    if do_valid and last == args.train_iters:
+        evaluate_and_print(last)
     log["wall_seconds"] = time.perf_counter() - t_start
     if rank != 0:
         return None

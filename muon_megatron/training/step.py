@@ -228,7 +228,15 @@ def evaluate(
     model: list[torch.nn.Module],
     batch_for: Callable[[int], dict[str, torch.Tensor]],
 ) -> float:
-    """Mean validation loss over `--eval-iters` global batches (the same ones every time)."""
+    """Mean validation loss over `--eval-iters` global batches (the same ones every time).
+
+    Raises ValueError for `--eval-iters` below 1: 0 is Megatron-LM's "no evaluation", which
+    the training loop honours by not calling this at all."""
+    if args.eval_iters < 1:
+        raise ValueError(
+            f"evaluate() with --eval-iters {args.eval_iters} has no batch to average; "
+            "--eval-iters 0 means no evaluation: skip the call (the training loop does)."
+        )
     for chunk in model:
         chunk.eval()
     try:

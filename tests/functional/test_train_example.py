@@ -136,3 +136,42 @@ def _checkpoint_tensors(ckpt_dir: pathlib.Path, scratch: pathlib.Path) -> dict:
 
     walk(torch.load(scratch, weights_only=False), "")
     return out
+
+
+# One process (DP 1, the entry's default world for a dense model), 3 iterations saved every 2:
+# the last iteration is not a multiple of the interval, so only the final save writes it.
+FINAL_SAVE_FLAGS = [
+    sys.executable, "examples/pretrain_moe.py", "--optimizer", "muon", "--train-iters", "3",
+    "--save-interval", "2", "--eval-interval", "2", "--log-interval", "1",
+]
+
+
+def test_eval_iters_0_runs_no_evaluation_and_writes_the_final_checkpoint(
+    tmp_path: pathlib.Path,
+) -> None:
+    """`--eval-iters 0` (Megatron-LM's "no evaluation") with an --eval-interval that falls
+    inside the run: no evaluation at all (it used to divide by zero at the first one and lose
+    the run), the interval checkpoint at 2 and the final one at 3, with the tracker at 3."""
+    save = tmp_path / "ckpt"
+    stdout = _run([*FINAL_SAVE_FLAGS, "--eval-iters", "0", "--save", str(save),
+                   "--output-dir", str(tmp_path / "out")])
+    log = json.loads((tmp_path / "out" / "muon.json").read_text())
+    assert [r["iteration"] for r in log["iterations"]] == [1, 2, 3]
+    assert log["validation"] == [] and "validation loss" not in stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "3"
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000002", "iter_0000003"]
+
+
+def test_final_checkpoint_is_written_before_the_final_evaluation(tmp_path: pathlib.Path) -> None:
+    """With evaluation on, the final checkpoint (iteration 3) is saved before the final
+    evaluation starts, as Megatron-LM's `pretrain` orders them, so a failing evaluation cannot
+    lose it; the evaluations are still those at every --eval-interval and at the end."""
+    save = tmp_path / "ckpt"
+    stdout = _run([*FINAL_SAVE_FLAGS, "--eval-iters", "1", "--save", str(save),
+                   "--output-dir", str(tmp_path / "out")])
+    log = json.loads((tmp_path / "out" / "muon.json").read_text())
+    assert [v["iteration"] for v in log["validation"]] == [2, 3]
+    saved_final = stdout.index(f"> saved {save / 'iter_0000003'}")
+    evaluated_final = stdout.index("validation loss at iteration      3")
+    assert saved_final < evaluated_final, stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "3"
