@@ -195,12 +195,13 @@ class MuonConfig:
     muon_split_fc1: bool = _knob(
         True, "With gated linear units (SwiGLU), orthogonalize fc1's gate and up separately."
     )
-    muon_bucket_mb: float = _knob(
-        64.0,
-        "Upper bound (MiB of fp32, full matrices) on one bucket: one gather and one scatter "
-        "each. Buckets are pipelined (bucket k+1's gather and bucket k-1's scatter overlap "
-        "bucket k's Newton-Schulz), so a large model needs several; a matrix larger than "
-        "the bound gets a bucket of its own.",
+    muon_owner_bucket_mb: float = _knob(
+        32.0,
+        "Upper bound (MiB of fp32 full matrices) on what each owner orthogonalizes in one "
+        "bucket. A bucket is a round of the whole grid (one exchange each way): every owner "
+        "does about the same share of its Newton-Schulz work in every bucket, so the number "
+        "of buckets grows with the work per owner, not with the grid; buckets are pipelined. "
+        "A matrix larger than the bound gets a bucket of its own.",
         Bounds(
             0.0,
             math.inf,

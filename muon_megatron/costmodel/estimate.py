@@ -10,8 +10,10 @@ issue order), and the same for megatron-core's Muon and Moonlight's scheme.
 Costs per operation (stated in the plan's output too): Newton-Schulz at the hardware's
 `ns_efficiency` of the matmul peak of its dtype; elementwise work HBM-bound (momentum and
 Nesterov 16 bytes per shard element, apply 12, the owner's reassembly and scatter copies
-24 per element orthogonalized); an all-to-all costs its latency (`Hardware`) plus the
-busiest member's bytes over NVLink and over InfiniBand at `link_efficiency`.
+24 per element orthogonalized); an exchange costs its latency (`Hardware`) plus the
+busiest member's bytes over NVLink and over InfiniBand at `link_efficiency`; an exchange is
+point-to-point between the pairs with something to send, so a rank pays a latency per peer
+it really has (`events.simulate` runs each connected set of ranks on its own).
 """
 
 from __future__ import annotations
@@ -86,44 +88,58 @@ class _Costs:
             return bucket.shard_numel[g] * APPLY_BYTES / self.hbm
         return self.ns_only(kind, k, g) + bucket.owned_numel[g] * OWNER_BYTES / self.hbm
 
-    def collective(self, kind: str, k: int, instance: int) -> float:
-        return self._collective(kind, k, instance)[0]
+    def exchange(self, kind: str, k: int, instance: int) -> list[tuple[list[int], float]]:
+        """Connected components of the exchange's transfers, each with its seconds: the
+        slowest member's latency (one per exchange, one per peer it really has) plus its
+        bytes over NVLink and over InfiniBand."""
+        return self._exchange(kind, k, instance)[0]
 
     def link_bytes(self, kind: str, k: int, instance: int) -> list[list[float]]:
         """Per member: [NVLink sent, NVLink received, IB sent, IB received] bytes."""
-        return self._collective(kind, k, instance)[1]
+        return self._exchange(kind, k, instance)[1]
 
-    def _collective(self, kind: str, k: int, instance: int):
+    def _exchange(self, kind: str, k: int, instance: int):
         key = (kind, k, instance)
-        if key not in self._coll:
-            m, b = self.buckets_at[k]
-            fig, hw = self.grids[m], self.hw
-            ranks = self.ranks_of(m, instance)
-            bucket: BucketFigures = fig.buckets[b]
-            pairs = bucket.gather if kind == "gather" else bucket.scatter
-            node = [r // hw.gpus_per_node for r in ranks]
-            links = [[0.0, 0.0, 0.0, 0.0] for _ in ranks]
-            for (src, dst), n in pairs.items():
-                ib = 2 if node[src] != node[dst] else 0
-                links[src][ib] += n * fig.wire_bytes
-                links[dst][ib + 1] += n * fig.wire_bytes
-            per_node: dict[int, int] = {}
-            for n_ in node:
-                per_node[n_] = per_node.get(n_, 0) + 1
-            nvl_bw = hw.nvlink_gbps * 1e9 * hw.link_efficiency
-            ib_bw = hw.ib_gbps * 1e9 * hw.link_efficiency
-            worst = 0.0
-            for g, (s_nvl, r_nvl, s_ib, r_ib) in enumerate(links):
-                intra = per_node[node[g]] - 1
-                inter = len(ranks) - 1 - intra
-                worst = max(
-                    worst,
-                    (intra * hw.peer_latency_us + inter * hw.ib_peer_latency_us) * 1e-6
-                    + max(s_nvl, r_nvl) / nvl_bw
-                    + max(s_ib, r_ib) / ib_bw,
-                )
-            latency = hw.collective_latency_us * 1e-6 if len(ranks) > 1 else 0.0
-            self._coll[key] = (latency + worst if len(ranks) > 1 else 0.0, links)
+        if key in self._coll:
+            return self._coll[key]
+        m, b = self.buckets_at[k]
+        fig, hw = self.grids[m], self.hw
+        node = [r // hw.gpus_per_node for r in self.ranks_of(m, instance)]
+        bucket: BucketFigures = fig.buckets[b]
+        pairs = bucket.gather if kind == "gather" else bucket.scatter
+        links = [[0.0, 0.0, 0.0, 0.0] for _ in node]
+        peers: dict[int, set[int]] = {}
+        parent = list(range(len(node)))
+
+        def root(g: int) -> int:
+            while parent[g] != g:
+                parent[g] = parent[parent[g]]
+                g = parent[g]
+            return g
+
+        for (src, dst), n in pairs.items():
+            ib = 2 if node[src] != node[dst] else 0
+            links[src][ib] += n * fig.wire_bytes
+            links[dst][ib + 1] += n * fig.wire_bytes
+            peers.setdefault(src, set()).add(dst)
+            peers.setdefault(dst, set()).add(src)
+            parent[root(src)] = root(dst)
+        nvl_bw = hw.nvlink_gbps * 1e9 * hw.link_efficiency
+        ib_bw = hw.ib_gbps * 1e9 * hw.link_efficiency
+        components: dict[int, tuple[list[int], float]] = {}
+        for g in sorted(peers):
+            s_nvl, r_nvl, s_ib, r_ib = links[g]
+            inter = sum(1 for p in peers[g] if node[p] != node[g])
+            seconds = (
+                hw.collective_latency_us * 1e-6
+                + ((len(peers[g]) - inter) * hw.peer_latency_us + inter * hw.ib_peer_latency_us)
+                * 1e-6
+                + max(s_nvl, r_nvl) / nvl_bw
+                + max(s_ib, r_ib) / ib_bw
+            )
+            members, worst = components.get(root(g), ([], 0.0))
+            components[root(g)] = (members + [g], max(worst, seconds))
+        self._coll[key] = (list(components.values()), links)
         return self._coll[key]
 
 
@@ -144,13 +160,15 @@ def estimate_stage(
         buckets_at.append((m, seen[m]))
         seen[m] += 1
     costs = _Costs(grids, buckets_at, ranks_of, hw)
-    zero = lambda *a: 0.0  # noqa: E731
-    ns_only = simulate(trace, member_of, placement, costs.ns_only, zero)
-    full = simulate(trace, member_of, placement, costs.compute, costs.collective)
+    def free(kind: str, k: int, instance: int) -> list[tuple[list[int], float]]:
+        return [(members, 0.0) for members, _ in costs.exchange(kind, k, instance)]
+
+    ns_only = simulate(trace, member_of, placement, costs.ns_only, free)
+    full = simulate(trace, member_of, placement, costs.compute, costs.exchange)
 
     # Per rank: bytes on each link, and the transient peak replayed on the trace (what
-    # `run_pipeline` holds at each Newton-Schulz: collectives in flight and that bucket's
-    # inputs and updates, fp32).
+    # `run_pipeline` holds at each Newton-Schulz: the exchanges in flight and that bucket's
+    # owner buffer, fp32, which takes the updates in place).
     nvl, ib, transient = [0.0] * len(placement), [0.0] * len(placement), [0.0] * len(placement)
     alive: set[tuple[str, int]] = set()
     for event, k in trace:
@@ -163,7 +181,7 @@ def estimate_stage(
             continue
         m, b = buckets_at[k]
         for r, slots in enumerate(placement):
-            held = 8.0 * grids[m].buckets[b].owned_numel[slots[m][1]]
+            held = 4.0 * grids[m].buckets[b].owned_numel[slots[m][1]]
             for kind_, k_ in alive:
                 m_ = buckets_at[k_][0]
                 instance, g = slots[m_]

@@ -9,11 +9,13 @@ pipeline stage, as a GPU runs it:
 - the host issues everything at once (nothing in the step waits for the device);
 - each rank has one compute stream, in trace order: momentum(k) at gather_issue(k),
   Newton-Schulz(k) at ns_begin(k), apply(k) at scatter_wait(k);
-- each grid has one communicator whose collectives complete in issue order, as NCCL runs
-  them on one stream: a collective starts once the previous one on that communicator has
-  finished and every member's input is ready (gather(k): momentum(k); scatter(k):
-  Newton-Schulz(k)), and takes the time the cost function gives it;
-- a wait makes the rank's compute stream wait for the collective (CUDA's stream wait).
+- each grid has one communicator, and on each rank its work runs in issue order, as NCCL
+  runs it on one stream: an exchange is a batch of point-to-point transfers between the
+  pairs that have something to send (`grid.start_exchange`); the transfers of one
+  connected set of ranks run once each of them has finished its previous work on that
+  communicator and has its input ready (gather(k): momentum(k); scatter(k):
+  Newton-Schulz(k)), for the time the cost function gives them;
+- a wait makes the rank's compute stream wait for its transfers (CUDA's stream wait).
 
 `ideal` is the busiest rank's own Newton-Schulz time, what the step would take if every
 owner worked from the start; `ns_critical_path` is when the last Newton-Schulz ends with
@@ -26,7 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from muon_megatron.optimizer.pipeline import run_pipeline
+import torch
+
+from muon_megatron.optimizer.pipeline import interleave, run_pipeline
 
 __all__ = ["issue_order", "Timeline", "simulate"]
 
@@ -39,24 +43,23 @@ class _Recorder:
 
     def __init__(self, buckets: int) -> None:
         self._buckets = list(range(buckets))
-        self.transient_peak_bytes = 0
 
     def _begin_step(self) -> None:
         pass
 
     _end_step = _begin_step
 
-    def _phase1_local_momentum(self, bucket: int) -> dict:
-        return {}
+    def _phase1_local_momentum(self, bucket: int) -> list:
+        return []
 
-    def _phase2_start_gather(self, bucket: int, inputs: dict) -> Any:
+    def _phase2_start_gather(self, bucket: int, inputs: list) -> Any:
         return self._Flight()
 
-    def _phase2_finish_gather(self, bucket: int, flight: Any) -> dict:
-        return {}
+    def _phase2_finish_gather(self, bucket: int, flight: Any) -> torch.Tensor:
+        return torch.empty(0)
 
-    def _phase3_orthogonalize(self, bucket: int, owned: dict) -> dict:
-        return {}
+    def _phase3_orthogonalize(self, bucket: int, owned: torch.Tensor) -> torch.Tensor:
+        return owned
 
     _phase4_start_scatter = _phase2_start_gather
 
@@ -70,8 +73,6 @@ def issue_order(bucket_counts: Sequence[int]) -> tuple[list[tuple[str, int]], li
     members = [_Recorder(n) for n in bucket_counts]
     trace: list[tuple[str, int]] = []
     run_pipeline(members, trace=trace)
-    from muon_megatron.optimizer.pipeline import interleave
-
     owner = {id(m): i for i, m in enumerate(members)}
     return trace, [owner[id(opt)] for opt, _ in interleave(members)]
 
@@ -90,49 +91,55 @@ class Timeline:
 Placement = list[list[tuple[int, int]]]
 """Per rank of the stage, per optimizer member: (grid instance, member index in its grid)."""
 
+Component = tuple[list[int], float]
+"""Grid members that exchange with each other (directly or through others) in one
+exchange, and the seconds their transfers take once all of them have started."""
+
 
 def simulate(
     trace: list[tuple[str, int]],
     member_of: list[int],
     placement: Placement,
     compute: Callable[[str, int, int], float],
-    collective: Callable[[str, int, int], float],
+    exchange: Callable[[str, int, int], list[Component]],
 ) -> Timeline:
     """Play `trace` on every rank. `compute(kind, k, g)` is the seconds of 'momentum', 'ns'
-    or 'apply' of position k on grid member g; `collective(kind, k, instance)` the seconds
-    of 'gather' or 'scatter' of position k on that grid instance."""
+    or 'apply' of position k on grid member g; `exchange(kind, k, instance)` the connected
+    components of 'gather' or 'scatter' of position k on that grid instance.
+
+    An exchange is a batch of point-to-point transfers: a rank's part starts when its
+    communicator's previous work on that rank is done and its input is ready, and a
+    component's transfers run once every member of it has started. A rank outside every
+    component has nothing to exchange and waits for nothing."""
     ranks = range(len(placement))
+    rank_of = {(m, slot): r for r, slots in enumerate(placement) for m, slot in enumerate(slots)}
     stream = [0.0] * len(placement)
     ns_busy = [0.0] * len(placement)
     last_ns_end = 0.0
-    comm_free: dict[tuple[int, int], float] = {}
-    done: dict[tuple[str, int, int], float] = {}
+    comm_free: dict[tuple[int, int], float] = {}  # (member, rank) -> its stream's end
+    done: dict[tuple[str, int, int], float] = {}  # (kind, k, rank) -> transfers' end
 
-    def run_collective(kind: str, k: int) -> None:
+    def run_exchange(kind: str, k: int) -> None:
         m = member_of[k]
-        ready: dict[int, float] = {}
-        for r in ranks:
-            instance = placement[r][m][0]
-            ready[instance] = max(ready.get(instance, 0.0), stream[r])
-        for instance, t in ready.items():
-            start = max(t, comm_free.get((m, instance), 0.0))
-            comm_free[(m, instance)] = done[(kind, k, instance)] = start + collective(
-                kind, k, instance
-            )
+        for instance in sorted({placement[r][m][0] for r in ranks}):
+            for members, seconds in exchange(kind, k, instance):
+                involved = [rank_of[(m, (instance, g))] for g in members]
+                start = max(max(stream[r], comm_free.get((m, r), 0.0)) for r in involved)
+                for r in involved:
+                    comm_free[(m, r)] = done[(kind, k, r)] = start + seconds
 
     for event, k in trace:
         m = member_of[k]
         if event == "gather_issue":
             for r in ranks:
                 stream[r] += compute("momentum", k, placement[r][m][1])
-            run_collective("gather", k)
+            run_exchange("gather", k)
         elif event in ("gather_wait", "scatter_wait"):
             kind = "gather" if event == "gather_wait" else "scatter"
             for r in ranks:
-                instance, g = placement[r][m]
-                stream[r] = max(stream[r], done[(kind, k, instance)])
+                stream[r] = max(stream[r], done.get((kind, k, r), 0.0))
                 if kind == "scatter":
-                    stream[r] += compute("apply", k, g)
+                    stream[r] += compute("apply", k, placement[r][m][1])
         elif event == "ns_begin":
             for r in ranks:
                 seconds = compute("ns", k, placement[r][m][1])
@@ -140,6 +147,6 @@ def simulate(
                 ns_busy[r] += seconds
                 last_ns_end = max(last_ns_end, stream[r])
         elif event == "scatter_issue":
-            run_collective("scatter", k)
+            run_exchange("scatter", k)
     busiest = max(ranks, key=lambda r: (ns_busy[r], -r))
     return Timeline(ns_busy[busiest], last_ns_end, max(stream), busiest)

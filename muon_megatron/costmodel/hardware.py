@@ -9,10 +9,11 @@ every plan and overridable from the command line (`add_hardware_args`):
 - `mfu`: the model FLOPs utilization of the forward-backward (0.4: what large Megatron MoE
   runs report on H100 in bf16).
 - `link_efficiency`: the share of a link's bandwidth an all-to-all reaches (0.8).
-- Latencies: a collective pays `collective_latency_us` once and `peer_latency_us` (NVLink)
-  or `ib_peer_latency_us` (InfiniBand) per peer it exchanges with. torch's NCCL all-to-all
-  posts a send and a receive to every member of the group, payload or not, so an all-to-all
-  pays every peer's latency.
+- Latencies: an exchange pays `collective_latency_us` once and `peer_latency_us` (NVLink)
+  or `ib_peer_latency_us` (InfiniBand) per peer it exchanges with. Muon's exchanges are
+  point-to-point between the pairs with a payload; an all-to-all (torch's NCCL
+  all_to_all_single posts a send and a receive to every member, payload or not) would pay
+  every member's latency.
 """
 
 from __future__ import annotations

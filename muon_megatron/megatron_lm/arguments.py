@@ -145,6 +145,13 @@ def add_muon_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "(AdamW for embeddings, biases, norms); others are refused.",
     )
     group.add_argument(
+        "--muon-bucket-mb",
+        type=float,
+        default=None,
+        help="muon-megatron 0.1's total bucket size; refused: use --muon-owner-bucket-mb "
+        "(per owner).",
+    )
+    group.add_argument(
         "--muon-fp32-matmul-prec",
         choices=_FP32_MATMUL_PRECS,
         default=None,
@@ -167,6 +174,15 @@ def muon_config_from_args(args: argparse.Namespace) -> MuonConfig:
 
 
 def _check_megatron_only_flags(args: argparse.Namespace) -> None:
+    bucket_mb = getattr(args, "muon_bucket_mb", None)
+    if bucket_mb is not None:
+        raise ValueError(
+            f"--muon-bucket-mb {bucket_mb:g} capped a bucket in total, which left most "
+            "owners of a large grid idle; buckets are now rounds of the whole grid, capped per "
+            "owner. Use --muon-owner-bucket-mb (MiB each owner orthogonalizes per bucket; "
+            f"default {MuonConfig.__dataclass_fields__['muon_owner_bucket_mb'].default:g}) and "
+            "drop --muon-bucket-mb."
+        )
     tp_mode = getattr(args, "muon_tp_mode", None)
     if tp_mode == "blockwise":
         raise ValueError(

@@ -1,17 +1,31 @@
-"""One bucket of Muon matrices as this rank sees it: what it sends, receives and keeps.
+"""One bucket of Muon matrices as this rank sees it, laid out once, at construction.
 
-A bucket is a set of matrices balanced across owners (`plan.make_buckets`), communicated by one
-all-to-all each way over the grid. Everything here is fixed by the plan, so it is worked
-out once, at construction: the sizes this rank receives from each grid member, and the
-matrix index and update scale of each Newton-Schulz job of the matrices it owns. During
-the step the bucket only lays tensors out; it never reads a tensor's value.
+A bucket is a round of the grid (`plan.make_buckets`): one exchange sends every shard to
+its matrix's owner, one returns the updates. Everything here is fixed by the plan and is
+worked out when the optimizer is built; the step then only launches a fixed number of
+batched ops per bucket, whatever the number of matrices in it:
 
-Wire layout (both directions): the payload for one member is its matrices' pieces in bucket
-order. A rank's own pieces of a matrix it owns never go through the wire: they stay in
-fp32 (`keep`), neither copied into the send buffer nor rounded to a bf16 wire dtype.
+- **wire**: each exchange is a sparse set of point-to-point transfers, one per pair of
+  members with something to send (`grid.start_exchange`); a payload is its matrices' pieces
+  in bucket order. A rank's own pieces of a matrix it owns never go on the wire: they stay
+  fp32 (`keep`), neither copied to the send buffer nor rounded to a bf16 wire dtype.
+- **assembly**: the owner copies received and kept pieces, in one foreach copy, into one
+  fp32 buffer holding its matrices' TP-local tensors, grouped by *class* (matrices that
+  split alike: the same `MatrixSplit` and local shape), `[n, TP, numel]` per class.
+- **logical matrices**: per class and row group, one narrow or index_select plus one
+  permute/reshape turns the class's `[n, TP, E, A, B]` view into a `[matrices, rows, cols]`
+  stack of logical matrices (experts, Q/K/V, gate/up, TP pieces joined); stacks of one
+  shape go through Newton-Schulz together, and the updates are written back into the same
+  buffer with the inverse ops.
+- **apply**: the returned update shards are split once and applied per param group.
+
+Every index and split size is computed here, once; Python in the step only builds lists
+of views over precomputed positions.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -19,9 +33,9 @@ from muon_megatron.config import MuonConfig
 from muon_megatron.ops.update import update_scale
 from muon_megatron.optimizer.grid import Grid
 from muon_megatron.optimizer.plan import MuonMatrix
+from muon_megatron.routing.splits import MatrixSplit
 
-__all__ = ["Bucket", "Transfers", "bucket_transfers"]
-
+__all__ = ["Bucket", "Transfers", "bucket_transfers", "MatrixClass", "Batch"]
 
 Transfers = dict[tuple[int, int], int]
 """Elements moved from grid member `src` to grid member `dst`, keyed (src, dst)."""
@@ -32,8 +46,8 @@ def bucket_transfers(matrices: list[MuonMatrix], grid: Grid) -> tuple[Transfers,
 
     Gather: each member sends its ZeRO-1 shard of a matrix (TP rank 0's alone for a
     TP-replicated tensor) to the matrix's owner. Scatter: the owner returns every member its
-    shard of the update. What stays on the owner is not counted. The bucket's own receive
-    sizes and the planner's per-rank bytes both come from here."""
+    shard of the update. What stays on the owner is not counted. The bucket's own exchanges
+    and the planner's per-rank bytes both come from here."""
     member = {coords: g for g, coords in enumerate(grid.coords)}
     gather: Transfers = {}
     scatter: Transfers = {}
@@ -53,136 +67,220 @@ def bucket_transfers(matrices: list[MuonMatrix], grid: Grid) -> tuple[Transfers,
     return gather, scatter
 
 
+@dataclass
+class MatrixClass:
+    """Owned matrices that split alike, stored `[n, tp, numel]` from `offset` of the buffer."""
+
+    split: MatrixSplit
+    indices: list[int]
+    offset: int
+    tp: int
+    numel: int
+    rows: list[tuple[int, int] | torch.Tensor]
+    """Per row group: (start, stop) when contiguous, else a device index of the rows."""
+
+    @property
+    def size(self) -> int:
+        return len(self.indices) * self.tp * self.numel
+
+    def oriented(self, buffer: torch.Tensor) -> torch.Tensor:
+        """The class's `[n, tp, E, rows, cols]` view, pieces' rows on dim -2."""
+        view = self.split.view_shape
+        batch = view if len(view) == 3 else (1, *view)
+        block = buffer[self.offset : self.offset + self.size]
+        block = block.view(len(self.indices), self.tp, *batch)
+        return block.transpose(-1, -2) if self.split.transpose else block
+
+    def logical(self, oriented: torch.Tensor, j: int) -> torch.Tensor:
+        """Row group j of every matrix as a `[count, rows, cols]` stack of logical matrices."""
+        rows = self.rows[j]
+        if isinstance(rows, tuple):
+            piece = oriented.narrow(-2, rows[0], rows[1] - rows[0])
+        else:
+            piece = oriented.index_select(-2, rows)
+        n, tp, e, r, c = piece.shape
+        mode, dim = self.split.tp_mode, self.split.tp_dim
+        if mode == "concat" and dim == 0:
+            return piece.permute(0, 2, 1, 3, 4).reshape(n * e, tp * r, c)
+        if mode == "concat":
+            return piece.permute(0, 2, 3, 1, 4).reshape(n * e, r, tp * c)
+        return piece.reshape(n * tp * e, r, c)
+
+    def insert(self, oriented: torch.Tensor, j: int, update: torch.Tensor) -> None:
+        """Write the `[count, rows, cols]` updates of row group j back (inverse of `logical`)."""
+        n, tp = len(self.indices), self.tp
+        e = oriented.shape[2]
+        mode, dim = self.split.tp_mode, self.split.tp_dim
+        if mode == "concat" and dim == 0:
+            r, c = update.shape[1] // tp, update.shape[2]
+            back = update.view(n, e, tp, r, c).permute(0, 2, 1, 3, 4)
+        elif mode == "concat":
+            r, c = update.shape[1], update.shape[2] // tp
+            back = update.view(n, e, r, tp, c).permute(0, 3, 1, 2, 4)
+        else:
+            back = update.view(n, tp, e, *update.shape[1:])
+        rows = self.rows[j]
+        if isinstance(rows, tuple):
+            oriented.narrow(-2, rows[0], rows[1] - rows[0]).copy_(back)
+        else:
+            oriented.index_copy_(-2, rows, back)
+
+
+@dataclass
+class Batch:
+    """Logical matrices of one shape: (class, row group) stacks, orthogonalized together."""
+
+    parts: list[tuple[int, int]]
+    counts: list[int]
+    scale: float
+    param_index: torch.Tensor
+    """Per logical matrix: its Muon matrix's index (for the update-RMS figures)."""
+
+
+def _row_groups(split: MatrixSplit, device: torch.device) -> list[tuple[int, int] | torch.Tensor]:
+    out: list[tuple[int, int] | torch.Tensor] = []
+    for ranges in split.row_groups:
+        rows = [r for start, end in ranges for r in range(start, end)]
+        if rows == list(range(rows[0], rows[-1] + 1)):
+            out.append((rows[0], rows[-1] + 1))
+        else:
+            out.append(torch.tensor(rows, dtype=torch.long, device=device))
+    return out
+
+
 class Bucket:
     """`matrices` of one bucket, seen from grid member `grid.rank`."""
 
     def __init__(
-        self, matrices: list[MuonMatrix], grid: Grid, cfg: MuonConfig, device: torch.device
+        self,
+        matrices: list[MuonMatrix],
+        grid: Grid,
+        cfg: MuonConfig,
+        device: torch.device,
+        tag: int = 0,
     ) -> None:
         self.matrices = matrices
         self.grid = grid
-        self.me = grid.rank
-        self.my_tp, self.my_dp = grid.coords[grid.rank]
-        self.mine = [m for m in matrices if m.owner == self.me]
-        scales, job_matrix = [], []
+        me = self.me = grid.rank
+        my_tp, my_dp = grid.coords[me]
+        member = {coords: g for g, coords in enumerate(grid.coords)}
+        self.mine = [m for m in matrices if m.owner == me]
+        # ------------------------------------------------ gather: what this rank sends
+        self.held = [m for m in matrices if m.shard_numel(my_dp) > 0]
+        to: dict[int, list[int]] = {}
+        self.keep_held: list[int] = []
+        for i, m in enumerate(self.held):
+            if not m.sends_from(my_tp):
+                continue
+            if m.owner == me:
+                self.keep_held.append(i)
+            else:
+                to.setdefault(m.owner, []).append(i)
+        self.gather_send_order = [i for g in sorted(to) for i in to[g]]
+        self.gather_send_blocks = [self.held[i].shard_numel(my_dp) for i in self.gather_send_order]
+        self.gather_send_peers = [
+            (g, sum(self.held[i].shard_numel(my_dp) for i in to[g])) for g in sorted(to)
+        ]
+        # ------------------------------------------------ the owner's buffer, by class
+        self.classes: list[MatrixClass] = []
+        by_key: dict[tuple, MatrixClass] = {}
+        offset = 0
         for m in self.mine:
-            for rows, cols in m.split.logical_shapes():
-                job_matrix.append(m.index)
-                scales.append(
-                    update_scale(
-                        cfg.muon_scale_mode,
-                        rows,
-                        cols,
-                        cfg.muon_matched_adamw_rms,
-                        cfg.muon_extra_scale_factor,
-                    )
-                )
-        self.owned_scales: list[float] = scales
-        self.owned_job_index = torch.tensor(job_matrix, dtype=torch.long, device=device)
-        gather, scatter = bucket_transfers(matrices, grid)
-        self._gather_recv = [gather.get((g, self.me), 0) for g in range(grid.size)]
-        self._scatter_recv = [scatter.get((o, self.me), 0) for o in range(grid.size)]
+            key = (m.split, m.local_shape)
+            if key not in by_key:
+                tp = 1 if m.split.tp_mode == "replicated" else m.split.tp_size
+                by_key[key] = MatrixClass(m.split, [], 0, tp, m.param.numel(),
+                                          _row_groups(m.split, device))
+                self.classes.append(by_key[key])
+            by_key[key].indices.append(m.index)
+        for c in self.classes:
+            c.offset = offset
+            offset += c.size
+        self.owned_numel = offset
+        by_index = {m.index: m for m in matrices}
+        # Blocks of the owner's buffer, (class, matrix, TP rank, DP rank) order: they tile
+        # it, since the DP ranges of a TP-local tensor partition it.
+        blocks: list[tuple[int, int, int]] = []
+        for c in self.classes:
+            for index in c.indices:
+                m = by_index[index]
+                for t in range(c.tp):
+                    for d in range(grid.dp_size):
+                        if m.shard_numel(d) > 0:
+                            blocks.append((index, t, d))
+        self.blocks = [by_index[i].shard_numel(d) for i, _, d in blocks]
+        block_of = {b: k for k, b in enumerate(blocks)}
+        # What arrives, from each member (ascending) in bucket order, and where it goes.
+        arrivals: list[tuple[int, int, int]] = []
+        self.gather_recv_peers: list[tuple[int, int]] = []
+        for g, (t, d) in enumerate(grid.coords):
+            if g == me:
+                continue
+            come = [(m.index, t, d) for m in self.mine
+                    if m.sends_from(t) and m.shard_numel(d) > 0]
+            if come:
+                self.gather_recv_peers.append((g, sum(by_index[i].shard_numel(d)
+                                                      for i, _, d in come)))
+                arrivals.extend(come)
+        self.gather_recv_blocks = [by_index[i].shard_numel(d) for i, _, d in arrivals]
+        kept = [(m.index, my_tp, my_dp) for m in self.mine
+                if m.sends_from(my_tp) and m.shard_numel(my_dp) > 0]
+        # Source of every block: a received piece (its position) or a kept one (after them).
+        source = {b: k for k, b in enumerate(arrivals)}
+        source.update({b: len(arrivals) + k for k, b in enumerate(kept)})
+        self.assemble_from = [source[b] for b in blocks]
+        # ------------------------------------------------ Newton-Schulz batches, by shape
+        by_shape: dict[tuple[int, int], Batch] = {}
+        for ci, c in enumerate(self.classes):
+            for j in range(len(c.rows)):
+                shape = c.split.logical_shapes()[j]
+                count = len(c.indices) * (c.split.batch * (c.tp if c.split.tp_mode == "per_rank"
+                                                          else 1))
+                if shape not in by_shape:
+                    scale = update_scale(cfg.muon_scale_mode, shape[0], shape[1],
+                                         cfg.muon_matched_adamw_rms, cfg.muon_extra_scale_factor)
+                    by_shape[shape] = Batch([], [], scale, torch.empty(0))
+                batch = by_shape[shape]
+                batch.parts.append((ci, j))
+                batch.counts.append(count)
+        for batch in by_shape.values():
+            index = []
+            for (ci, _), count in zip(batch.parts, batch.counts):
+                c = self.classes[ci]
+                index += [i for i in c.indices for _ in range(count // len(c.indices))]
+            batch.param_index = torch.tensor(index, dtype=torch.long, device=device)
+        self.batches = list(by_shape.values())
+        # ------------------------------------------------ scatter: the owner returns slices
+        out: dict[int, list[int]] = {}
+        self.scatter_keep: dict[int, int] = {}
+        for g, (t, d) in enumerate(grid.coords):
+            for m in self.mine:
+                if m.shard_numel(d) == 0:
+                    continue
+                k = block_of[(m.index, 0 if m.split.tp_mode == "replicated" else t, d)]
+                if g == me:
+                    self.scatter_keep[m.index] = k
+                else:
+                    out.setdefault(g, []).append(k)
+        self.scatter_send_order = [k for g in sorted(out) for k in out[g]]
+        self.scatter_send_blocks = [self.blocks[k] for k in self.scatter_send_order]
+        self.scatter_send_peers = [(g, sum(self.blocks[k] for k in out[g])) for g in sorted(out)]
+        # ------------------------------------------------ what comes back to this rank
+        self.updated = [m for m in matrices if m.shard_numel(my_dp) > 0 and m.owner != me]
+        self.updated.sort(key=lambda m: (m.owner, m.index))  # bucket order: by index
+        self.scatter_recv_blocks = [m.shard_numel(my_dp) for m in self.updated]
+        self.scatter_recv_peers: list[tuple[int, int]] = []
+        for m in self.updated:
+            if self.scatter_recv_peers and self.scatter_recv_peers[-1][0] == m.owner:
+                g, n = self.scatter_recv_peers[-1]
+                self.scatter_recv_peers[-1] = (g, n + m.shard_numel(my_dp))
+            else:
+                self.scatter_recv_peers.append((m.owner, m.shard_numel(my_dp)))
+        self.tag = tag
+        """Point-to-point tag of the gather (the scatter's is tag + 1): unique per bucket of
+        this grid, so that no two exchanges in flight between two ranks can match."""
 
     @property
     def numel(self) -> int:
         """Elements of the bucket's full logical matrices (all TP pieces)."""
         return sum(m.param.numel() * m.split.tp_size for m in self.matrices)
-
-    # ------------------------------------------------------------ gather (phase 2)
-    def gather_sends(
-        self, ns_inputs: dict[int, torch.Tensor]
-    ) -> tuple[list[list[torch.Tensor]], dict[int, torch.Tensor]]:
-        """Per grid member, this rank's Newton-Schulz inputs for the matrices it owns; and
-        the inputs of the matrices this rank owns itself (kept)."""
-        parts: list[list[torch.Tensor]] = [[] for _ in range(self.grid.size)]
-        keep = {}
-        for m in self.matrices:
-            if m.index not in ns_inputs or not m.sends_from(self.my_tp):
-                continue
-            if m.owner == self.me:
-                keep[m.index] = ns_inputs[m.index]
-            else:
-                parts[m.owner].append(ns_inputs[m.index])
-        return parts, keep
-
-    def gather_recv_sizes(self) -> list[int]:
-        return self._gather_recv
-
-    def assemble_owned(
-        self,
-        received: list[torch.Tensor],
-        keep: dict[int, torch.Tensor],
-        device: torch.device,
-    ) -> dict[int, list[torch.Tensor]]:
-        """The TP-local flat fp32 tensors of every owned matrix (one per TP rank that
-        sends), from the received pieces and the kept ones; in bucket order."""
-        flats: dict[int, list[torch.Tensor]] = {}
-        dsts, srcs = [], []
-        offsets = [0] * self.grid.size
-        for m in self.mine:
-            ranks = m.split.tp_size if m.split.tp_mode != "replicated" else 1
-            # Every element is written below: the DP ranges partition each TP-local tensor.
-            flats[m.index] = [
-                torch.empty(m.param.numel(), dtype=torch.float32, device=device)
-                for _ in range(ranks)
-            ]
-            for g, (t, d) in enumerate(self.grid.coords):
-                n = m.shard_numel(d)
-                if not m.sends_from(t) or n == 0:
-                    continue
-                start, end = m.dp_ranges[d]
-                dsts.append(flats[m.index][t][start:end])
-                if g == self.me:
-                    srcs.append(keep[m.index])
-                else:
-                    srcs.append(received[g][offsets[g] : offsets[g] + n])
-                    offsets[g] += n
-        _copy_all(dsts, srcs)
-        return flats
-
-    # ------------------------------------------------------------ scatter (phase 4)
-    def scatter_sends(
-        self, updates: dict[int, list[torch.Tensor]]
-    ) -> tuple[list[list[torch.Tensor]], dict[int, torch.Tensor]]:
-        """Per grid member, its slices of the updates of the matrices this rank owns; and
-        this rank's own slices (kept, fp32)."""
-        parts: list[list[torch.Tensor]] = [[] for _ in range(self.grid.size)]
-        keep = {}
-        for m in self.mine:
-            replicated = m.split.tp_mode == "replicated"
-            for g, (t, d) in enumerate(self.grid.coords):
-                if m.shard_numel(d) == 0:
-                    continue
-                start, end = m.dp_ranges[d]
-                piece = updates[m.index][0 if replicated else t][start:end]
-                if g == self.me:
-                    keep[m.index] = piece
-                else:
-                    parts[g].append(piece)
-        return parts, keep
-
-    def scatter_recv_sizes(self) -> list[int]:
-        return self._scatter_recv
-
-    def received_updates(
-        self, received: list[torch.Tensor], keep: dict[int, torch.Tensor]
-    ) -> dict[int, torch.Tensor]:
-        """This rank's update slice of every matrix of the bucket it holds a shard of."""
-        out, offsets = {}, [0] * self.grid.size
-        for m in self.matrices:
-            n = m.shard_numel(self.my_dp)
-            if n == 0:
-                continue
-            if m.owner == self.me:
-                out[m.index] = keep[m.index]
-            else:
-                o = m.owner
-                out[m.index] = received[o][offsets[o] : offsets[o] + n]
-                offsets[o] += n
-        return out
-
-
-def _copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-    """dst.copy_(src) for every pair, in one foreach launch (dtypes may differ)."""
-    if dsts:
-        torch._foreach_copy_(dsts, srcs)

@@ -42,7 +42,6 @@ the bucket size changes only which same-shape matrices share one batched Newton-
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
 import functools
 from collections.abc import Callable, Sequence
 
@@ -59,20 +58,35 @@ from muon_megatron.ops.update import (
 )
 from muon_megatron.optimizer.bucket import Bucket
 from muon_megatron.optimizer.checkpoint_state import MuonCheckpointMixin
-from muon_megatron.optimizer.grid import Grid, InFlight, build_grid, start_all_to_all
+from muon_megatron.optimizer.grid import Grid, InFlight, build_grid, join_grid, start_exchange
 from muon_megatron.optimizer.nonfinite import NonFiniteGradSkipMixin
 from muon_megatron.optimizer.pipeline import run_pipeline
 from muon_megatron.optimizer.plan import MuonMatrix, make_buckets, plan_matrices
 from muon_megatron.optimizer.step_metrics import StepMetrics
 from muon_megatron.routing.rules import is_muon_param
-from muon_megatron.routing.splits import (
-    combine_tp_pieces,
-    extract_pieces,
-    insert_pieces,
-    split_tp_matrix,
-)
 
 __all__ = ["MuonDistributedOptimizer"]
+
+
+class _Bound:
+    """A bucket's matrices resolved to this rank's main shards (the inner AdamW's params,
+    the same objects for the optimizer's life: checkpoints load into them in place), and
+    where each shard's update comes from in the scatter (received ones, then kept ones)."""
+
+    def __init__(self, opt: MuonDistributedOptimizer, bucket: Bucket) -> None:
+        self.shards = [opt._main_shard(m) for m in bucket.held]
+        if any(s is None for s in self.shards):
+            raise RuntimeError("a Muon matrix's ZeRO-1 range has no main shard on its rank")
+        self.kept = [m.index for m in bucket.held if m.owner == bucket.me]
+        position = {m.index: k for k, m in enumerate(bucket.updated)}
+        position.update({i: len(bucket.updated) + k for k, i in enumerate(self.kept)})
+        groups: dict[int, tuple[list, list]] = {}
+        for m, shard in zip(bucket.held, self.shards):
+            params, positions = groups.setdefault(opt.model_param_group_index_map[m.param][0],
+                                                  ([], []))
+            params.append(shard)
+            positions.append(position[m.index])
+        self.apply = [(gi, params, positions) for gi, (params, positions) in groups.items()]
 
 class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, DistributedOptimizer):
     """ZeRO-1 Muon for 2-D hidden weights, Megatron's AdamW for everything else.
@@ -111,12 +125,6 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         super().__init__(*args, **kwargs)
         self.muon_config = muon_config
         self.expert = is_expert
-        self.ns_calls = 0
-        # (param name, logical matrix index within it) -> Newton-Schulz runs on this rank.
-        self.ns_counts: Counter[tuple[str, int]] = Counter()
-        # A list to record the pipeline's collective and Newton-Schulz events (tests).
-        self.trace: list | None = None
-        self.transient_peak_bytes = 0
         if pg_collection is not None and hasattr(pg_collection, "tp"):
             tp_group = pg_collection.expt_tp if is_expert else pg_collection.tp
         elif is_expert:
@@ -129,6 +137,7 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         if tp_groups_of is not None:
             tp_group_of = functools.partial(tp_groups_of, expert=is_expert)
         self.grid: Grid = build_grid(tp_group, dp_group, tp_group_of)
+        join_grid(self.grid)
         self._matrices: list[MuonMatrix] = []
         self._buckets: list[Bucket] = []
         # The optimizers whose Muon phases this one runs, pipelined together, in its
@@ -141,9 +150,12 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         self._matrices = plan_matrices(self, group_of, is_muon)
         device = self._device()
         self._buckets = [
-            Bucket(b, self.grid, muon_config, device)
-            for b in make_buckets(self._matrices, muon_config.muon_bucket_mb)
+            Bucket(b, self.grid, muon_config, device, tag=2 * i)
+            for i, b in enumerate(
+                make_buckets(self._matrices, muon_config.muon_owner_bucket_mb, self.grid.size)
+            )
         ]
+        self._bound = {id(b): _Bound(self, b) for b in self._buckets}
         self.metrics = StepMetrics(
             names=[m.name for m in self._matrices],
             numels=[sum(r * c for r, c in m.split.logical_shapes()) for m in self._matrices],
@@ -174,124 +186,109 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
     def _end_step(self) -> None:
         self.metrics.end_step()
 
-    def _phase1_local_momentum(self, bucket: Bucket) -> dict[int, torch.Tensor]:
+    def _phase1_local_momentum(self, bucket: Bucket) -> list[torch.Tensor]:
         """Momentum and the Newton-Schulz input of this rank's shards of `bucket` (fp32,
-        foreach over the bucket); clears their grads so the inner AdamW skips them."""
+        foreach over the bucket, in `bucket.held` order); clears their grads so the inner
+        AdamW skips them."""
+        shards = self._bound[id(bucket)].shards
+        if not shards:
+            return []
         cfg = self.muon_config
-        held = []
-        for m in bucket.matrices:
-            shard = self._main_shard(m)
-            if shard is not None:
-                held.append((m.index, shard))
-        if not held:
-            return {}
-        grads, bufs = [], []
-        for _, shard in held:
-            grads.append(shard.grad.float() if shard.grad is not None else torch.zeros_like(shard))
-            state = self.optimizer.state[shard]
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(shard, dtype=torch.float32)
-            bufs.append(state["exp_avg"])
-            shard.grad = None  # the inner AdamW skips parameters without a gradient
+        grads = [s.grad.float() if s.grad is not None else torch.zeros_like(s) for s in shards]
+        bufs = [self._momentum(s) for s in shards]
+        for s in shards:
+            s.grad = None  # the inner AdamW skips parameters without a gradient
         momentum_update_foreach_(bufs, grads, cfg.muon_momentum)
-        inputs = nesterov_inputs_foreach(grads, bufs, cfg.muon_momentum, cfg.muon_nesterov)
-        return {index: x for (index, _), x in zip(held, inputs)}
+        return nesterov_inputs_foreach(grads, bufs, cfg.muon_momentum, cfg.muon_nesterov)
 
-    def _phase2_start_gather(self, bucket: Bucket, ns_inputs: dict[int, torch.Tensor]) -> InFlight:
-        """Issue the all-to-all that sends every shard to its owner (asynchronous). This
-        rank's own shards of the matrices it owns stay out of the wire, in fp32."""
-        wire = DTYPES[self.muon_config.muon_comm_dtype]
-        parts, keep = bucket.gather_sends(ns_inputs)
-        return start_all_to_all(
-            parts, bucket.gather_recv_sizes(), self.grid, wire, self._device(), keep=keep
+    def _momentum(self, shard: torch.Tensor) -> torch.Tensor:
+        state = self.optimizer.state[shard]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(shard, dtype=torch.float32)
+        return state["exp_avg"]
+
+    def _phase2_start_gather(self, bucket: Bucket, ns_inputs: list[torch.Tensor]) -> InFlight:
+        """Issue the exchange that sends every shard to its owner (asynchronous). This
+        rank's own shards of the matrices it owns stay off the wire, in fp32."""
+        return start_exchange(
+            [ns_inputs[i] for i in bucket.gather_send_order],
+            bucket.gather_send_blocks,
+            bucket.gather_send_peers,
+            bucket.gather_recv_peers,
+            self.grid,
+            DTYPES[self.muon_config.muon_comm_dtype],
+            self._device(),
+            bucket.tag,
+            keep=[ns_inputs[i] for i in bucket.keep_held],
         )
 
-    def _phase2_finish_gather(self, bucket: Bucket, flight: InFlight) -> dict[int, list[torch.Tensor]]:
-        """Wait for the gather; reassemble each owned matrix's TP-local flat tensors."""
-        received = flight.wait("Muon gather all_to_all")
-        return bucket.assemble_owned(received, flight.keep, self._device())
+    def _phase2_finish_gather(self, bucket: Bucket, flight: InFlight) -> torch.Tensor:
+        """Wait for the gather; assemble the owned matrices' TP-local tensors, by class, in
+        one fp32 buffer (one foreach copy from the received and kept pieces)."""
+        recv = flight.wait("Muon gather exchange")
+        buffer = torch.empty(bucket.owned_numel, dtype=torch.float32, device=self._device())
+        if bucket.owned_numel:
+            sources = list(recv.split(bucket.gather_recv_blocks)) + flight.keep
+            torch._foreach_copy_(
+                list(buffer.split(bucket.blocks)), [sources[i] for i in bucket.assemble_from]
+            )
+        return buffer
 
-    def _phase3_orthogonalize(self, bucket: Bucket, owned: dict[int, list[torch.Tensor]]) -> dict[int, list[torch.Tensor]]:
-        """Newton-Schulz once per logical matrix; returns each owned matrix's scaled update
-        as one flat TP-local tensor per TP rank."""
-        jobs: list[torch.Tensor] = []
-        for index, flats in owned.items():
-            m = self._matrices[index]
-            pieces = [extract_pieces(f.view(m.local_shape), m.split) for f in flats]
-            logical = combine_tp_pieces(pieces, m.split)
-            self.ns_counts.update((m.name, j) for j in range(len(logical)))
-            jobs.extend(logical)
-        order = list(owned)
-        owned.clear()  # the logical matrices are copies: the wire-side flats can go now
-        if not jobs:
-            return {}
-        self.metrics.timer.begin()
-        results = self._newton_schulz_batched(jobs)
-        self.metrics.timer.end()
-        del jobs
-        torch._foreach_mul_(results, bucket.owned_scales)
-        self.metrics.add(
-            bucket.owned_job_index, torch.stack(torch._foreach_norm(results)).square()
-        )
-        updates, offset = {}, 0
-        for index in order:
-            m = self._matrices[index]
-            count = len(m.split.logical_shapes())
-            matrices, offset = results[offset : offset + count], offset + count
-            updates[index] = [
-                insert_pieces(
-                    torch.empty(m.local_shape, device=x[0].device), m.split, x
-                ).view(-1)
-                for x in split_tp_matrix(matrices, m.split)
-            ]
-        return updates
-
-    def _newton_schulz_batched(self, matrices: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Newton-Schulz of every matrix, batched by shape; fp32 results, input order."""
+    def _phase3_orthogonalize(self, bucket: Bucket, buffer: torch.Tensor) -> torch.Tensor:
+        """Newton-Schulz once per logical matrix, one batch per logical shape; the scaled
+        updates are written back into `buffer` (same layout), which is returned."""
+        if not bucket.batches:
+            return buffer
         cfg = self.muon_config
-        by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, x in enumerate(matrices):
-            by_shape[tuple(x.shape)].append(i)
-        out: list[torch.Tensor | None] = [None] * len(matrices)
-        for indices in by_shape.values():
-            stacked = torch.stack([matrices[i] for i in indices])
-            ortho = newton_schulz(
-                stacked if len(indices) > 1 else stacked[0],
+        oriented = [c.oriented(buffer) for c in bucket.classes]
+        self.metrics.timer.begin()
+        for batch in bucket.batches:
+            stacks = [bucket.classes[ci].logical(oriented[ci], j) for ci, j in batch.parts]
+            x = torch.cat(stacks) if len(stacks) > 1 else stacks[0]
+            update = newton_schulz(
+                x if len(x) > 1 else x[0],
                 steps=cfg.muon_ns_steps,
                 coefficients=cfg.muon_coefficients,
                 dtype=cfg.muon_ns_dtype,
                 eps=cfg.muon_eps,
             ).float()
-            ortho = ortho if len(indices) > 1 else ortho.unsqueeze(0)
-            for i, u in zip(indices, ortho.unbind(0)):
-                out[i] = u
-        self.ns_calls += len(matrices)
-        return out  # type: ignore[return-value]
+            update = update if len(x) > 1 else update.unsqueeze(0)
+            update.mul_(batch.scale)
+            self.metrics.add(
+                batch.param_index, torch.linalg.vector_norm(update, dim=(-2, -1)).square()
+            )
+            for (ci, j), part in zip(batch.parts, update.split(batch.counts)):
+                bucket.classes[ci].insert(oriented[ci], j, part)
+        self.metrics.timer.end()
+        return buffer
 
-    def _phase4_start_scatter(self, bucket: Bucket, updates: dict[int, list[torch.Tensor]]) -> InFlight:
-        """Issue the all-to-all returning each rank its slice of the update (asynchronous);
-        the owner's own slices stay out of the wire, in fp32."""
-        wire = DTYPES[self.muon_config.muon_comm_dtype]
-        parts, keep = bucket.scatter_sends(updates)
-        return start_all_to_all(
-            parts, bucket.scatter_recv_sizes(), self.grid, wire, self._device(), keep=keep
+    def _phase4_start_scatter(self, bucket: Bucket, buffer: torch.Tensor) -> InFlight:
+        """Issue the exchange returning each rank its slice of the update (asynchronous);
+        the owner's own slices stay off the wire, in fp32."""
+        views = list(buffer.split(bucket.blocks)) if bucket.owned_numel else []
+        bound = self._bound[id(bucket)]
+        return start_exchange(
+            [views[k] for k in bucket.scatter_send_order],
+            bucket.scatter_send_blocks,
+            bucket.scatter_send_peers,
+            bucket.scatter_recv_peers,
+            self.grid,
+            DTYPES[self.muon_config.muon_comm_dtype],
+            self._device(),
+            bucket.tag + 1,
+            keep=[views[bucket.scatter_keep[i]] for i in bound.kept],
         )
 
     def _phase4_finish_scatter(self, bucket: Bucket, flight: InFlight) -> None:
         """Wait for the scatter; p <- p (1 - lr wd) - lr u on every main shard, foreach per
         param group."""
-        received = flight.wait("Muon scatter all_to_all", dtype=torch.float32)
-        shards = bucket.received_updates(received, flight.keep)
-        by_group: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
-        for index, update in shards.items():
-            m = self._matrices[index]
-            gi = self.model_param_group_index_map[m.param][0]
-            params, updates = by_group[gi]
-            params.append(self._main_shard(m))
-            updates.append(update)
-        for gi, (params, updates) in by_group.items():
+        recv = flight.wait("Muon scatter exchange", dtype=torch.float32)
+        sources = list(recv.split(bucket.scatter_recv_blocks)) + flight.keep
+        for gi, params, positions in self._bound[id(bucket)].apply:
             group = self.optimizer.param_groups[gi]
-            apply_updates_foreach_(params, updates, group["lr"], group["weight_decay"])
+            apply_updates_foreach_(
+                params, [sources[i] for i in positions], group["lr"], group["weight_decay"]
+            )
 
     # ---------------------------------------------------------------- metrics
     @property

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from muon_megatron.optimizer.hang_watch import watched
 
-__all__ = ["Grid", "TPGroupsOf", "build_grid", "forget_groups", "grid_coords", "InFlight", "start_all_to_all"]
+__all__ = ["Grid", "TPGroupsOf", "build_grid", "forget_groups", "grid_coords", "InFlight", "Peers", "join_grid", "start_exchange"]
 
 
 @dataclass(frozen=True)
@@ -115,54 +115,76 @@ def _on_backend_device(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tenso
 
 
 class InFlight:
-    """An issued all-to-all: `wait()` returns what each member sent, as views of one
-    receive buffer. `keep` rides along: the caller's pieces that did not go on the wire."""
+    """An issued exchange: `wait()` returns the receive buffer (every sender's payload, by
+    sender ascending). `keep` rides along: the caller's pieces that did not go on the wire."""
 
-    def __init__(self, work, send, recv, sizes_in, group, keep) -> None:
-        self.work, self.send, self.recv = work, send, recv
-        self.sizes_in, self.group, self.keep = sizes_in, group, keep
+    def __init__(self, works, send, recv, group, keep) -> None:
+        self.works, self.send, self.recv = works, send, recv
+        self.group, self.keep = group, keep
 
-    def wait(self, name: str, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        if self.work is not None:
+    def wait(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.works:
             with watched(name, self.group):
-                self.work.wait()
-            self.work = None
-        self.send = None  # the send buffer can go as soon as the collective is done
-        recv = self.recv if dtype is None else self.recv.to(dtype)
-        return list(recv.split(self.sizes_in))
+                for work in self.works:
+                    work.wait()
+            self.works = []
+        self.send = None  # the send buffer can go as soon as the transfers are done
+        return self.recv if dtype is None else self.recv.to(dtype)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the buffers this collective holds now."""
+        """Bytes of the buffers this exchange holds now."""
         held = [t for t in (self.send, self.recv) if t is not None]
         return sum(t.numel() * t.element_size() for t in held)
 
 
-def start_all_to_all(
-    parts: list[list[torch.Tensor]],
-    sizes_in: list[int],
+Peers = list[tuple[int, int]]
+"""(grid member, elements) of each peer a rank exchanges with, members ascending."""
+
+
+def start_exchange(
+    pieces: list[torch.Tensor],
+    send_blocks: list[int],
+    send_peers: Peers,
+    recv_peers: Peers,
     grid: Grid,
     dtype: torch.dtype,
     device: torch.device,
-    keep: dict | None = None,
+    tag: int,
+    keep=None,
 ) -> InFlight:
-    """Issue (asynchronously) one `all_to_all_single` sending `parts[m]` (1-D tensors,
-    concatenated, in `dtype` on the wire) to grid member m and receiving `sizes_in[m]`
-    elements from each member m. Copies into the send buffer in one foreach launch."""
-    send_sizes = [sum(p.numel() for p in member) for member in parts]
-    flat = [p for member in parts for p in member]
-    send = torch.empty(sum(send_sizes), dtype=dtype, device=device)
-    if flat:
-        torch._foreach_copy_(list(send.split([p.numel() for p in flat])), flat)
-    recv = torch.empty(sum(sizes_in), dtype=dtype, device=device)
-    work = None
-    if grid.group is not None:  # every member joins, with or without a payload
-        work = dist.all_to_all_single(
-            recv,
-            send,
-            output_split_sizes=list(sizes_in),
-            input_split_sizes=send_sizes,
-            group=grid.group,
-            async_op=True,
-        )
-    return InFlight(work, send, recv, list(sizes_in), grid.group, keep or {})
+    """Issue (asynchronously) one sparse exchange over the grid: `pieces` (1-D, of sizes
+    `send_blocks`, peers' payloads one after another) go to the members of `send_peers` in
+    `dtype`, and the receive buffer takes each member of `recv_peers` its elements.
+
+    Only pairs with something to send communicate: a batch of point-to-point sends and
+    receives on the grid's group (NCCL runs a batch as one grouped launch on the group's
+    communicator, in order with the group's other work), so its latency grows with the
+    peers a rank really has, not with the grid. Copies into the send buffer in one foreach
+    launch."""
+    send = torch.empty(sum(send_blocks), dtype=dtype, device=device)
+    if pieces:
+        torch._foreach_copy_(list(send.split(send_blocks)), pieces)
+    recv = torch.empty(sum(n for _, n in recv_peers), dtype=dtype, device=device)
+    ops = []
+    offset = 0
+    for g, n in send_peers:
+        ops.append(dist.P2POp(dist.isend, send[offset : offset + n], grid.ranks[g],
+                              grid.group, tag))
+        offset += n
+    offset = 0
+    for g, n in recv_peers:
+        ops.append(dist.P2POp(dist.irecv, recv[offset : offset + n], grid.ranks[g],
+                              grid.group, tag))
+        offset += n
+    works = dist.batch_isend_irecv(ops) if ops else []
+    return InFlight(works, send, recv, grid.group, [] if keep is None else keep)
+
+
+def join_grid(grid: Grid) -> None:
+    """One collective over the grid's group, by every member, when the optimizer is built:
+    a batch of point-to-point transfers must not be the group's first operation unless
+    every member takes part (torch.distributed.batch_isend_irecv), and a rank with nothing
+    to exchange in a bucket does not."""
+    if grid.group is not None:
+        dist.all_reduce(_on_backend_device(torch.zeros(1), grid.group), group=grid.group)

@@ -10,19 +10,20 @@ gather to the owner, Newton-Schulz, scatter back and apply. Across buckets they 
         NS(k); issue scatter(k)              <- in flight while NS(k+1) runs
         wait scatter(k-1); apply(k-1)
 
-The collectives are asynchronous (`grid.start_all_to_all`), so on a GPU bucket k+1's
-gather and bucket k's scatter run on the communication stream while bucket k+1's
-Newton-Schulz runs on the compute stream, and the host never waits for the device. At
-most two buckets' wire buffers are alive besides the one being orthogonalized, and
-momentum/Nesterov inputs exist for one bucket ahead only.
+The exchanges are asynchronous (`grid.start_exchange`), so on a GPU bucket k+1's gather
+and bucket k's scatter run on the communication stream while bucket k+1's Newton-Schulz
+runs on the compute stream, and the host never waits for the device. At most two buckets'
+wire buffers are alive besides the one being orthogonalized, and momentum/Nesterov inputs
+exist for one bucket ahead only.
 
 The buckets of several optimizers (a ChainedOptimizer's dense and expert members, each
 with its own grid) are interleaved round-robin into one sequence, the same on every
 rank: every group then sees its collectives issued in the same order by all of its
 members, so no two ranks can wait on each other in a cycle.
 
-`trace`, when a list, records ('gather_issue' | 'gather_wait' | 'ns_begin' | 'ns_end' |
-'scatter_issue' | 'scatter_wait', k) with k the position in the interleaved sequence.
+`trace`, when a list is passed, records ('gather_issue' | 'gather_wait' | 'ns_begin' |
+'ns_end' | 'scatter_issue' | 'scatter_wait', k) with k the position in the interleaved
+sequence: the planner's event model plays it (`costmodel.events`).
 """
 
 from __future__ import annotations
@@ -39,14 +40,14 @@ def interleave(members: list[Any]) -> list[tuple[Any, Any]]:
     return [item for row in itertools.zip_longest(*lanes) for item in row if item is not None]
 
 
-def run_pipeline(members: list[Any], trace: list | None = None) -> None:
+def run_pipeline(members: list[Any], trace: list | None = None) -> int:
     """Run the Muon phases of every bucket of `members` (MuonDistributedOptimizers of this
-    rank, in chain order), pipelined."""
+    rank, in chain order), pipelined. Returns the most bytes the step held at once: the
+    exchanges in flight and the owner's buffer of the bucket being orthogonalized
+    (Newton-Schulz's own work space not counted)."""
     items = interleave(members)
     for opt in members:
         opt._begin_step()
-    if trace is None:
-        trace = next((opt.trace for opt in members if opt.trace is not None), None)
 
     def note(event: str, k: int) -> None:
         if trace is not None:
@@ -67,17 +68,13 @@ def run_pipeline(members: list[Any], trace: list | None = None) -> None:
         if k + 1 < len(items):
             gathers[k + 1] = start_gather(k + 1)
         note("ns_begin", k)
-        inputs = _nbytes(owned)  # measured first: orthogonalizing frees them
-        updates = opt._phase3_orthogonalize(bucket, owned)
+        owned = opt._phase3_orthogonalize(bucket, owned)
         note("ns_end", k)
-        # The most this step holds at once: the next gather and the previous scatter in
-        # flight, this bucket's inputs and updates (Newton-Schulz work space not counted).
         flights = list(gathers.values()) + ([pending[1]] if pending else [])
-        peak = max(peak, sum(f.nbytes for f in flights) + inputs + _nbytes(updates))
-        del owned
-        scatter = opt._phase4_start_scatter(bucket, updates)
+        peak = max(peak, sum(f.nbytes for f in flights) + owned.numel() * owned.element_size())
+        scatter = opt._phase4_start_scatter(bucket, owned)
         note("scatter_issue", k)
-        del updates
+        del owned
         if pending is not None:
             _finish(items, pending, note)
         pending = (k, scatter)
@@ -85,12 +82,7 @@ def run_pipeline(members: list[Any], trace: list | None = None) -> None:
         _finish(items, pending, note)
     for opt in members:
         opt._end_step()
-    if members:
-        members[0].transient_peak_bytes = peak
-
-
-def _nbytes(tensors: dict[int, list]) -> int:
-    return sum(t.numel() * t.element_size() for ts in tensors.values() for t in ts)
+    return peak
 
 
 def _finish(items, pending, note) -> None:

@@ -8,6 +8,7 @@ member that owns it (ownership.assign_owners); then buckets balanced across owne
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -120,35 +121,63 @@ def _dp_ranges(opt: DistributedOptimizer, buffer, param) -> list[tuple[int, int]
     return ranges
 
 
-def make_buckets(matrices: list[MuonMatrix], bucket_mb: float) -> list[list[MuonMatrix]]:
-    """Buckets of about `bucket_mb` MiB of fp32 (one all-to-all each way per bucket), each
-    with about the same Newton-Schulz work per owner.
+def make_buckets(
+    matrices: list[MuonMatrix], owner_mb: float, grid_size: int = 1
+) -> list[list[MuonMatrix]]:
+    """Buckets that are rounds of the whole grid: in every bucket, every owner orthogonalizes
+    about the same share of its own Newton-Schulz work, and at most `owner_mb` MiB of fp32
+    full matrices (a matrix larger than that alone).
 
-    Owners follow locality (`ownership`): under data parallelism a rank owns the matrices
-    in its own contiguous range of the grad buffer, so buckets of consecutive matrices would
-    each be one rank's work, and the pipeline would run the ranks one after the other. The
-    matrices are taken instead from each owner in turn, the owner with the least work taken
-    so far first (ties: the lowest grid rank), so that every bucket is balanced like the
-    whole step. The order depends on the plan only: every rank forms the same buckets."""
+    The number of rounds R is the least for which every owner's share fits its cap and a
+    round holds no more than `grid_size` caps in all (so what a rank sends and receives in
+    one round stays bounded too). It grows with the work per owner, never with the grid:
+    with fewer matrices than ranks, one round. Each owner's matrices, largest first, go to
+    rounds by where their work starts in the owner's own timeline: round k holds what
+    starts in [k/R, (k+1)/R) of it. So every owner keeps working through every round and
+    the in-order exchanges never leave most owners idle (docs/design.md). The order depends on the plan only: every rank
+    forms the same buckets."""
+    limit = owner_mb * 2**20 / 4
     by_owner: dict[int, list[MuonMatrix]] = {}
     for m in matrices:
         by_owner.setdefault(m.owner, []).append(m)
-    taken = {owner: 0.0 for owner in by_owner}
-    order: list[MuonMatrix] = []
-    while by_owner:
-        owner = min(by_owner, key=lambda o: (taken[o], o))
-        m = by_owner[owner].pop(0)
-        if not by_owner[owner]:
-            del by_owner[owner]
-        taken[owner] += m.cost
-        order.append(m)
-    limit = bucket_mb * 2**20 / 4
-    buckets, current, size = [], [], 0
-    for m in order:
-        numel = m.param.numel() * m.split.tp_size
-        if current and size + numel > limit:
-            buckets.append(current)
-            current, size = [], 0
-        current.append(m)
-        size += numel
-    return buckets + ([current] if current else [])
+    for owned in by_owner.values():
+        owned.sort(key=lambda m: (-m.cost, m.index))
+    owners = sorted(by_owner)
+    longest = max((len(owned) for owned in by_owner.values()), default=1)
+    total = sum(m.param.numel() * m.split.tp_size for m in matrices)
+    # No fewer rounds than the owner with the most bytes needs, however they are paced, nor
+    # than the grid's caps take to hold everything.
+    rounds = max(
+        [1, math.ceil(total / (max(grid_size, 1) * limit))]
+        + [math.ceil(sum(m.param.numel() * m.split.tp_size for m in owned) / limit)
+           for owned in by_owner.values()]
+    )
+    while True:
+        placed = {o: _paced(owned, rounds) for o, owned in by_owner.items()}
+        if rounds >= longest or all(_fits(r, limit) for r in placed.values()):
+            break
+        rounds += 1
+    buckets: list[list[MuonMatrix]] = [[] for _ in range(rounds)]
+    for owner in owners:
+        for k, members in enumerate(placed[owner]):
+            buckets[k].extend(members)
+    for bucket in buckets:
+        bucket.sort(key=lambda m: m.index)
+    return [b for b in buckets if b]
+
+
+def _paced(owned: list[MuonMatrix], rounds: int) -> list[list[MuonMatrix]]:
+    """`owned` (largest first) in `rounds` rounds by where each one's work starts."""
+    load = sum(m.cost for m in owned) or 1.0
+    out: list[list[MuonMatrix]] = [[] for _ in range(rounds)]
+    start = 0.0
+    for m in owned:
+        out[min(int(start / load * rounds), rounds - 1)].append(m)
+        start += m.cost
+    return out
+
+
+def _fits(rounds: list[list[MuonMatrix]], limit: float) -> bool:
+    return all(
+        len(r) <= 1 or sum(m.param.numel() * m.split.tp_size for m in r) <= limit for r in rounds
+    )

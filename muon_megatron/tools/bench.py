@@ -14,7 +14,7 @@ not measured; around `optimizer.step()` only, each rank records:
 * bytes sent and received by every `torch.distributed` collective (`comm_counter`); our extra
   bytes are Muon's minus AdamW's on the same rank;
 * Newton-Schulz FLOPs, from the shapes actually passed to `newton_schulz` (cross-checked
-  against the optimizer's own `owner_loads()` and `ns_calls`), and one copy of every logical
+  against the optimizer's own `owner_loads()`), and one copy of every logical
   matrix counted independently from the model spec (`expected_logical_shapes`);
 * the peak bytes the pipelined step held, against the largest bucket;
 * after the last step, the bytes of every tensor in the optimizer state and of the fp32 main
@@ -164,9 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--fp32-params", action="store_true",
                    help="fp32 model params (default: bf16 params with fp32 main params).")
-    p.add_argument("--muon-bucket-mb", type=float, default=BenchConfig.muon_bucket_mb,
-                   help="Muon's bucket size here (the bench's default makes the model several "
-                        "buckets; MuonConfig's own default is what a training run gets).")
+    p.add_argument("--muon-owner-bucket-mb", type=float,
+                   default=BenchConfig.muon_owner_bucket_mb,
+                   help="Muon's per-owner bucket cap here (the bench's default makes the model "
+                        "several buckets; MuonConfig's own default is what a training run gets).")
     p.add_argument("--out", default=os.path.join("outputs", "bench.json"))
     p.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
                    help="Under torchrun: nccl (one GPU per rank), gloo, or auto.")
@@ -184,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = BenchConfig(
         layouts=tuple(args.layouts), optimizers=tuple(args.optimizers), steps=args.steps,
         warmup=args.warmup, model=model, num_experts=args.num_experts,
-        muon_bucket_mb=args.muon_bucket_mb,
+        muon_owner_bucket_mb=args.muon_owner_bucket_mb,
     )
     result = run_bench(cfg, backend=args.backend)
     from muon_megatron.runtime.torchrun import launcher_rank

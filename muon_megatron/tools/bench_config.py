@@ -52,7 +52,7 @@ OPTIMIZERS: dict[str, dict[str, Any] | None] = {
     "muon_fp32comm": {"muon_ns_dtype": "bf16", "muon_comm_dtype": "fp32"},
     "muon_fp32": {"muon_ns_dtype": "fp32", "muon_comm_dtype": "fp32"},
     "muon_match": {
-        k: v for k, v in dataclasses.asdict(OURS_MATCHING).items() if k != "muon_bucket_mb"
+        k: v for k, v in dataclasses.asdict(OURS_MATCHING).items() if k != "muon_owner_bucket_mb"
     },
     MCORE_MUON: None,
 }
@@ -108,9 +108,10 @@ class BenchConfig:
     seed: int = 1234
     lr: float = 1e-3
     weight_decay: float = 0.1
-    muon_bucket_mb: float = 2.0
-    """Small against the default model's 15.7 MB of fp32 Muon matrices, so that the step has
-    several buckets to pipeline (a large model gets as many from MuonConfig's 64 MiB)."""
+    muon_owner_bucket_mb: float = 1.0
+    """Small against the default model's 15.7 MB of fp32 Muon matrices (4-8 MB per owner on
+    2-4 ranks), so that the step has several buckets to pipeline (a large model gets as many
+    from MuonConfig's default)."""
 
     def __post_init__(self) -> None:
         if self.model.num_experts is not None:

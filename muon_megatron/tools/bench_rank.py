@@ -21,8 +21,8 @@ __all__ = ["rank_main"]
 
 
 class _Probe:
-    """Wraps `newton_schulz` and `start_all_to_all` where `optimizer.distributed` calls them,
-    and the optimizer's `prepare_grads`."""
+    """Wraps `newton_schulz`, `start_exchange` and `run_pipeline` where
+    `optimizer.distributed` calls them, and the optimizer's `prepare_grads`."""
 
     def __init__(self) -> None:
         self.reset()
@@ -32,7 +32,8 @@ class _Probe:
         from muon_megatron.ops.newton_schulz import ns_flops
         from muon_megatron.optimizer import distributed
 
-        ns, a2a = distributed.newton_schulz, distributed.start_all_to_all
+        ns, a2a = distributed.newton_schulz, distributed.start_exchange
+        pipeline = distributed.run_pipeline
         prepare = optimizer.prepare_grads
 
         def newton_schulz(x, *args, **kwargs):
@@ -42,20 +43,27 @@ class _Probe:
             self.ns_matrices += batch
             return ns(x, *args, **kwargs)
 
-        def start_all_to_all(parts, sizes_in, grid, dtype, device, keep=None):
+        def start_exchange(pieces, send_blocks, send_peers, recv_peers, grid, dtype, device,
+                           tag, keep=None):
             import torch
 
             self.a2a.append({
-                "send_numel": sum(p.numel() for member in parts for p in member),
-                "recv_numel": sum(sizes_in),
+                "send_numel": sum(send_blocks),
+                "recv_numel": sum(n for _, n in recv_peers),
                 "comm_bytes": torch.empty(0, dtype=dtype).element_size(),
                 "grid_size": grid.size,
             })
             t0 = time.perf_counter()
             try:
-                return a2a(parts, sizes_in, grid, dtype, device, keep)
+                return a2a(pieces, send_blocks, send_peers, recv_peers, grid, dtype, device,
+                           tag, keep)
             finally:
                 self.a2a_seconds += time.perf_counter() - t0
+
+        def run_pipeline(members, trace=None):
+            peak = pipeline(members, trace)
+            self.transient_peak = max(self.transient_peak, peak)
+            return peak
 
         def prepare_grads():
             t0 = time.perf_counter()
@@ -64,17 +72,20 @@ class _Probe:
             finally:
                 self.prepare_seconds += time.perf_counter() - t0
 
-        distributed.newton_schulz, distributed.start_all_to_all = newton_schulz, start_all_to_all
+        distributed.newton_schulz, distributed.start_exchange = newton_schulz, start_exchange
+        distributed.run_pipeline = run_pipeline
         optimizer.prepare_grads = prepare_grads
         try:
             yield self
         finally:
-            distributed.newton_schulz, distributed.start_all_to_all = ns, a2a
+            distributed.newton_schulz, distributed.start_exchange = ns, a2a
+            distributed.run_pipeline = pipeline
             optimizer.prepare_grads = prepare
 
     def reset(self) -> None:
         self.ns_flops, self.ns_matrices, self.a2a = 0.0, 0, []
         self.a2a_seconds = self.prepare_seconds = 0.0
+        self.transient_peak = 0
 
 
 def _build(name: str, cfg: BenchConfig, spec: Any, layout: Any) -> tuple[list, Any]:
@@ -100,7 +111,7 @@ def _build(name: str, cfg: BenchConfig, spec: Any, layout: Any) -> tuple[list, A
     model = tiny.build_model(spec, layout)
     muon_config = None
     if OPTIMIZERS[name] is not None:
-        muon_config = MuonConfig(muon_bucket_mb=cfg.muon_bucket_mb, **OPTIMIZERS[name])
+        muon_config = MuonConfig(muon_owner_bucket_mb=cfg.muon_owner_bucket_mb, **OPTIMIZERS[name])
     return model, tiny.build_optimizer(model, config, muon_config)
 
 
@@ -152,17 +163,6 @@ def _muon_static(optimizer: Any) -> dict[str, Any]:
     return {"members": members, "shards": shards, "bucket_bytes": buckets}
 
 
-def _transient(optimizer: Any, bucket_bytes: list[int]) -> dict[str, Any]:
-    """Peak bytes the pipelined step held at once (`pipeline.run_pipeline`: the buffers of
-    the collectives in flight plus the bucket being orthogonalized, Newton-Schulz's own work
-    space not included), against the largest bucket (fp32 bytes of its full matrices)."""
-    from muon_megatron.optimizer.builder import muon_optimizers
-
-    peak = max((o.transient_peak_bytes for o in muon_optimizers(optimizer)), default=0)
-    return {"peak_bytes": peak, "bucket_bytes": max(bucket_bytes, default=0),
-            "buckets": len(bucket_bytes)}
-
-
 class _Runner:
     """One optimizer of one layout and what its measured steps recorded."""
 
@@ -171,7 +171,7 @@ class _Runner:
         self.static = _muon_static(optimizer)
         self.probe = _Probe()
         self.rec: dict[str, list] = {k: [] for k in (
-            "times", "sent", "received", "ns_flops", "ns_matrices", "ns_calls", "losses",
+            "times", "sent", "received", "ns_flops", "ns_matrices", "losses",
             "ns_seconds", "a2a_seconds", "prepare_seconds")}
         self.by_op: dict[str, Any] = {}
         self.transient: dict[str, Any] = {"peak_bytes": 0, "bucket_bytes": 0, "buckets": 0}
@@ -189,7 +189,6 @@ class _Runner:
         optimizer.zero_grad()
         loss = tiny.forward_backward(self.model, batch, spec, mbs)
         members = muon_optimizers(optimizer)
-        ns_before = sum(o.ns_calls for o in members)
         padded = mcore_muon.padded_all_gather() if self.name == MCORE_MUON else _nothing()
         with probe.installed(optimizer), padded:
             probe.reset()
@@ -212,14 +211,15 @@ class _Runner:
         self.by_op = totals["by_op"]
         rec["ns_flops"].append(probe.ns_flops)
         rec["ns_matrices"].append(probe.ns_matrices)
-        rec["ns_calls"].append(sum(o.ns_calls for o in members) - ns_before)
         # Reading the metrics waits for the device: after the timed region, as a log would.
         rec["ns_seconds"].append(sum(o.muon_metrics.get("muon/ns_seconds_local", 0.0)
                                      for o in members))
         rec["a2a_seconds"].append(probe.a2a_seconds)
         rec["prepare_seconds"].append(probe.prepare_seconds)
         if self.static["bucket_bytes"]:
-            self.transient = _transient(optimizer, self.static["bucket_bytes"])
+            self.transient = {"peak_bytes": probe.transient_peak,
+                              "bucket_bytes": max(self.static["bucket_bytes"]),
+                              "buckets": len(self.static["bucket_bytes"])}
 
     def result(self, main_is_copy: bool) -> dict[str, Any]:
         from muon_megatron.training.model import local_parameter_count

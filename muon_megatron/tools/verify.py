@@ -17,9 +17,10 @@ A real bug in any whole tensor (skipped, mis-scaled, mis-split) moves its family
 over 1e-3. In bf16 the family tolerance is 0.1, under which one wholly wrong small tensor
 could hide: every tensor is also held to BF16_TENSOR_TOLERANCE.
 
-Newton-Schulz accounting: each rank returns its optimizers' `ns_counts` and their plan's
-logical matrices, both keyed by (grid ranks, param name, logical index), for the caller to
-check that every planned matrix ran exactly once per step.
+Newton-Schulz accounting: each rank returns what it orthogonalized (observed from outside
+the optimizer, `tools.observe.counting_newton_schulz`) and its plan's logical matrices,
+both keyed by (grid ranks, param name, logical index), for the caller to check that every
+planned matrix ran exactly once per step.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from muon_megatron.config import MuonConfig
+from muon_megatron.tools.observe import NsKey, counting_newton_schulz, grid_ranks
 
 if TYPE_CHECKING:
     from muon_megatron.testing.tiny import Layout, ModelSpec
@@ -169,16 +170,9 @@ def _tiny():
     return tiny
 
 
-NsKey = tuple[tuple[int, ...], str, int]
 """(global ranks of the grid, param name, logical matrix index): parameter names are local
 (every PP stage has a `decoder.layers.0`, every EP rank a `local_experts.0`), the grid that
 holds the parameter tells them apart."""
-
-
-def _grid_ranks(grid) -> tuple[int, ...]:
-    if grid.group is None:
-        return (torch.distributed.get_rank(),)
-    return tuple(torch.distributed.get_process_group_ranks(grid.group))
 
 
 def _distributed_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig, root: str):
@@ -196,20 +190,19 @@ def _distributed_worker(rank: int, world: int, spec: VerifySpec, cfg: MuonConfig
     # exactly as a training run does.
     optimizer = tiny.build_optimizer(model, opt_config, cfg)
     losses, clip, clip_stats = [], _qk_clip(model, spec), []
-    for step in range(spec.steps):
-        batch = tiny.global_batch(step, model_spec, spec.global_batch_size, spec.seed)
-        losses.append(
-            tiny.train_step(model, optimizer, batch, model_spec, layout, spec.micro_batch_size)
-        )
-        if clip is not None:
-            clip_stats.append(clip.apply(optimizer))
+    with counting_newton_schulz() as ns_counts:
+        for step in range(spec.steps):
+            batch = tiny.global_batch(step, model_spec, spec.global_batch_size, spec.seed)
+            losses.append(
+                tiny.train_step(model, optimizer, batch, model_spec, layout, spec.micro_batch_size)
+            )
+            if clip is not None:
+                clip_stats.append(clip.apply(optimizer))
     tiny.save_model(model, os.path.join(root, "final"))
     muons = muon_optimizers(optimizer)
-    ns_counts: Counter[NsKey] = Counter()
     planned: set[NsKey] = set()
     for o in muons:
-        grid = _grid_ranks(o.grid)
-        ns_counts.update({(grid, name, j): n for (name, j), n in o.ns_counts.items()})
+        grid = grid_ranks(o.grid)
         planned.update(
             (grid, m.name, j) for m in o._matrices for j in range(len(m.split.logical_shapes()))
         )

@@ -22,8 +22,8 @@ from muon_megatron.config import MuonConfig
 from muon_megatron.runtime.launch import spawn
 from muon_megatron.testing.tiny import Layout, ModelSpec, megatron_argv
 
-# ~3k fp32 elements per bucket: several buckets even in the tiny model.
-BUCKET_MB = 0.012
+# ~1.5k fp32 elements per owner and bucket: several buckets even in the tiny model.
+BUCKET_MB = 0.006
 DENSE = ModelSpec(num_layers=4)
 MOE = ModelSpec(num_layers=2, num_experts=4)
 LAYOUTS = {
@@ -41,18 +41,20 @@ def _real_rank(rank: int, world: int, spec: ModelSpec, layout: Layout) -> dict:
     from muon_megatron.optimizer.builder import muon_optimizers
     from muon_megatron.testing import tiny
     from muon_megatron.tools.comm_counter import CollectiveCounter
+    from muon_megatron.tools.observe import recording_pipeline
 
     tiny.initialize_parallel(layout, seed=0)
     model = tiny.build_model(spec, layout)
-    cfg = MuonConfig(muon_bucket_mb=BUCKET_MB)
+    cfg = MuonConfig(muon_owner_bucket_mb=BUCKET_MB)
     optimizer = tiny.build_optimizer(model, tiny.optimizer_config(), cfg)
     tiny.forward_backward(model, tiny.global_batch(0, spec, 8, seed=0), spec, 1)
     counter = CollectiveCounter()
-    with counter.installed():
+    with counter.installed(), recording_pipeline() as pipeline:
         counter.start()
         assert optimizer.step()[0]
         records = counter.stop()
-    a2a = [r for r in records if r.op == "all_to_all_single"]
+    # Muon's exchanges are its only point-to-point transfers.
+    a2a = [r for r in records if r.op in ("isend", "irecv")]
     members = muon_optimizers(optimizer)
     return {
         "rank": dist.get_rank(),
@@ -67,7 +69,7 @@ def _real_rank(rank: int, world: int, spec: ModelSpec, layout: Layout) -> dict:
         "ns_flops": sum(m.owner_loads()[m.grid.rank] for m in members),
         "sent": sum(r.sent for r in a2a),
         "received": sum(r.received for r in a2a),
-        "transient": max(m.transient_peak_bytes for m in members),
+        "transient": max(pipeline.peaks),
     }
 
 
@@ -76,7 +78,7 @@ def _plan(tmp_path, world: int, spec: ModelSpec, layout: Layout) -> dict:
 
     path = tmp_path / "plan.json"
     argv = megatron_argv(spec, layout) + [
-        f"--muon-bucket-mb={BUCKET_MB}", f"--world-size={world}", f"--json={path}"
+        f"--muon-owner-bucket-mb={BUCKET_MB}", f"--world-size={world}", f"--json={path}"
     ]
     assert run.main(argv) == 0
     return json.loads(path.read_text())
@@ -119,16 +121,17 @@ def _traced_rank(rank: int, world: int, spec: ModelSpec, layout: Layout) -> dict
 
     tiny.initialize_parallel(layout, seed=0)
     model = tiny.build_model(spec, layout)
-    cfg = MuonConfig(muon_bucket_mb=BUCKET_MB)
+    cfg = MuonConfig(muon_owner_bucket_mb=BUCKET_MB)
     optimizer = tiny.build_optimizer(model, tiny.optimizer_config(), cfg)
     seen: list = []
     original = distributed.run_pipeline
 
     def recording(members, trace=None):
         trace = []
-        original(members, trace=trace)
+        peak = original(members, trace=trace)
         position = [members.index(opt) for opt, _ in interleave(members)]
         seen.append((trace, position, [len(m._buckets) for m in members]))
+        return peak
 
     distributed.run_pipeline = recording
     try:
@@ -143,7 +146,7 @@ def _traced_rank(rank: int, world: int, spec: ModelSpec, layout: Layout) -> dict
 def test_event_model_plays_run_pipelines_issue_order() -> None:
     from muon_megatron.costmodel.events import issue_order
 
-    (result, *_) = spawn(_traced_rank, 4, MOE, Layout(ep=2))
+    (result, *_) = spawn(_traced_rank, 4, ModelSpec(num_layers=4, num_experts=4), Layout(ep=2))
     ((trace, position, counts),) = result["seen"]
     assert min(counts) >= 2  # dense and expert members, interleaved
     assert issue_order(counts) == ([tuple(e) for e in trace], position)

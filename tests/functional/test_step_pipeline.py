@@ -20,6 +20,7 @@ from muon_megatron.config import MuonConfig
 from muon_megatron.optimizer.pipeline import interleave
 from muon_megatron.runtime.launch import spawn
 from muon_megatron.testing.tiny import Layout, ModelSpec
+from muon_megatron.tools.observe import recording_pipeline
 
 # Where neither Transformer Engine nor apex is installed (here), megatron-core falls back to
 # Python stand-ins for two fused kernels, and both read device values one tensor at a time:
@@ -47,7 +48,7 @@ def _in_fallback() -> bool:
 SYNC_METHODS = ("item", "__float__", "__bool__", "__int__", "tolist", "cpu")
 # 7 logical Muon matrices per layer: Q, K, V, linear_proj, gate, up, linear_fc2.
 LOGICAL_PER_LAYER = 7
-SMALL_BUCKET_MB = 0.02  # ~5k fp32 elements: a few matrices per bucket in the tiny model
+SMALL_BUCKET_MB = 0.01  # ~2.6k fp32 elements per owner: a few matrices per bucket here
 
 
 @contextlib.contextmanager
@@ -82,7 +83,7 @@ def _sync_counts(rank: int, world: int, layers: int, muon: bool, bucket_mb: floa
     spec, layout = ModelSpec(num_layers=layers), Layout()
     tiny.initialize_parallel(layout, seed=0)
     model = tiny.build_model(spec, layout)
-    cfg = MuonConfig(muon_ns_dtype="fp32", muon_bucket_mb=bucket_mb) if muon else None
+    cfg = MuonConfig(muon_ns_dtype="fp32", muon_owner_bucket_mb=bucket_mb) if muon else None
     optimizer = tiny.build_optimizer(model, tiny.optimizer_config(), cfg)
     counts = []
     for step in range(3):
@@ -150,13 +151,12 @@ def _traced_step(rank: int, world: int, layout: Layout, spec: ModelSpec) -> dict
 
     tiny.initialize_parallel(layout, seed=0)
     model = tiny.build_model(spec, layout)
-    cfg = MuonConfig(muon_ns_dtype="fp32", muon_bucket_mb=SMALL_BUCKET_MB)
+    cfg = MuonConfig(muon_ns_dtype="fp32", muon_owner_bucket_mb=SMALL_BUCKET_MB)
     optimizer = tiny.build_optimizer(model, tiny.optimizer_config(), cfg)
     members = muon_optimizers(optimizer)
-    trace: list = []
-    for member in members:
-        member.trace = trace
-    tiny.train_step(model, optimizer, tiny.global_batch(0, spec, 8, seed=0), spec, layout, 2)
+    with recording_pipeline() as record:
+        tiny.train_step(model, optimizer, tiny.global_batch(0, spec, 8, seed=0), spec, layout, 2)
+    (trace,) = record.traces
     return {
         "trace": trace,
         "buckets": [len(o._buckets) for o in members],

@@ -78,7 +78,7 @@ def test_each_end_of_a_range_is_accepted_when_closed_and_refused_when_open(name:
         ("muon_ns_steps", True),  # a bool is not a count
         ("muon_ns_steps", 5.0),  # nor is a float
         ("muon_momentum", False),
-        ("muon_bucket_mb", "64"),
+        ("muon_owner_bucket_mb", "64"),
         ("muon_nesterov", 1),  # a number is not a bool
         ("muon_split_qkv", "yes"),
         ("muon_scale_mode", ["moonlight"]),
@@ -92,7 +92,7 @@ def test_wrong_types_are_a_type_error_naming_the_value(name: str, value: object)
 
 def test_ints_and_floats_are_both_numbers_for_a_float_field() -> None:
     assert MuonConfig(muon_momentum=0).muon_momentum == 0
-    assert MuonConfig(muon_bucket_mb=1).muon_bucket_mb == 1
+    assert MuonConfig(muon_owner_bucket_mb=1).muon_owner_bucket_mb == 1
 
 
 def test_a_built_config_cannot_be_changed_past_the_check() -> None:

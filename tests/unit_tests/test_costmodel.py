@@ -17,14 +17,16 @@ def _one_grid(ranks: int) -> list[list[tuple[int, int]]]:
 
 
 def _run(ns: list[list[float]], collective: float = 0.0):
-    """One grid of len(ns[0]) ranks; bucket k costs ns[k][g] seconds of Newton-Schulz on g."""
+    """One grid of len(ns[0]) ranks that all exchange with each other in every exchange (one
+    connected set); bucket k costs ns[k][g] seconds of Newton-Schulz on g."""
     trace, member_of = issue_order([len(ns)])
+    ranks = list(range(len(ns[0])))
     return simulate(
         trace,
         member_of,
         _one_grid(len(ns[0])),
         lambda kind, k, g: ns[k][g] if kind == "ns" else 0.0,
-        lambda kind, k, instance: collective,
+        lambda kind, k, instance: [(ranks, collective)],
     )
 
 
@@ -51,6 +53,34 @@ def test_a_collective_starts_when_the_previous_one_on_its_communicator_ends() ->
     # scatter(0) and scatter(1) follow in order.
     timeline = _run([[1.0, 1.0], [1.0, 1.0]], collective=c)
     assert timeline.step == pytest.approx(c + 2.0 + c)
+
+
+def test_owners_with_nothing_to_exchange_wait_for_nobody() -> None:
+    # The two-at-a-time buckets, but every owner holds its whole matrix: no transfers, so
+    # no rank waits for another and the four run at once.
+    ns = [[1.0 if g == k else 0.0 for g in range(4)] for k in range(4)]
+    trace, member_of = issue_order([4])
+    timeline = simulate(
+        trace, member_of, _one_grid(4),
+        lambda kind, k, g: ns[k][g] if kind == "ns" else 0.0,
+        lambda kind, k, instance: [],
+    )
+    assert timeline.ns_critical_path == 1.0
+
+
+def test_a_rank_waits_for_a_peer_whose_stream_is_busy() -> None:
+    # Bucket 2's gather links ranks 0 and 1. Rank 0 issues it after its 1 s of Newton-Schulz
+    # on bucket 0 (gather(k+2) comes after NS(k) in the issue order), so its input is ready
+    # at 1 s and rank 1's bucket 2 runs from 1 s to 2 s, though rank 1 is idle before.
+    ns = [[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]
+    trace, member_of = issue_order([3])
+    links = {("gather", 2): [([0, 1], 0.0)]}
+    timeline = simulate(
+        trace, member_of, _one_grid(2),
+        lambda kind, k, g: ns[k][g] if kind == "ns" else 0.0,
+        lambda kind, k, instance: links.get((kind, k), []),
+    )
+    assert (timeline.ideal, timeline.ns_critical_path) == (1.0, 2.0)
 
 
 def test_issue_order_interleaves_the_chain_bucket_by_bucket() -> None:
