@@ -168,8 +168,10 @@ def main() -> int:
         if f"{record['layers']}x{record['experts']}" == MOONLIGHT:
             us = per_matrix_us(record, "params")
             verdict = "PASS" if us <= TARGET_US_PER_MATRIX else "FAIL"
+            own = record["muon_phases_s"] - (record["newton_schulz_s"] or 0.0)
             print(f"host cost at Moonlight's count, {record['code']}: {us:.1f} us per owned Muon "
-                  f"param (Muon - AdamW; target <= {TARGET_US_PER_MATRIX:g}): {verdict}")
+                  f"param (Muon - AdamW; target <= {TARGET_US_PER_MATRIX:g}): {verdict}; Muon "
+                  f"phases less Newton-Schulz: {own / record['params'] * 1e6:.1f} us per param")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"muon": json.loads(args.muon), "records": records},
