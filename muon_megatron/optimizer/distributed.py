@@ -1,22 +1,28 @@
 """`MuonDistributedOptimizer`: Muon inside megatron-core's ZeRO-1 DistributedOptimizer.
 
 Communication schedule of one step (after Megatron's reduce-scatter, unscale, grad-norm
-and clipping, i.e. at the start of `step_with_ready_grads`), per bucket of matrices:
+and clipping, i.e. at the start of `step_with_ready_grads`), per bucket, a round of the
+whole DP x TP grid in which every owner does about the same share of its work
+(`plan.make_buckets`):
 
   phase 1, local momentum:   every rank updates the fp32 momentum of its own ZeRO-1
                              shard of each Muon matrix of the bucket and forms the
                              Newton-Schulz input shard (Nesterov or plain momentum),
                              foreach over the bucket. No communication.
-  phase 2, gather to owner:  one asynchronous all-to-all over the DP x TP grid sends every
-                             shard of a matrix to its single owner (`bucket.Bucket` lays
-                             it out; the owner's own shard stays off the wire, in fp32).
-  phase 3, orthogonalize:    the owner reassembles the TP-local tensors from their DP
-                             shards, the logical matrices from the TP pieces (experts,
-                             Q/K/V, gate/up split apart), runs Newton-Schulz once per
-                             logical matrix (batched by shape) and scales it.
-  phase 4, scatter back:     one asynchronous all-to-all returns each rank its slice of
-                             the update; each rank applies p <- p (1 - lr wd) - lr u to its
-                             main shards, foreach per param group.
+  phase 2, gather to owner:  one asynchronous exchange sends every shard to its matrix's
+                             single owner: point-to-point, between the pairs of members
+                             with something to send (`grid.start_exchange`); the owner's
+                             own shard stays off the wire, in fp32. The owner assembles
+                             its matrices' TP-local tensors in one buffer (one foreach
+                             copy; `bucket.Bucket` lays everything out once).
+  phase 3, orthogonalize:    per class of alike matrices and row group, one view/select
+                             and one permute make a stack of logical matrices (experts,
+                             Q/K/V, gate/up split apart, TP pieces joined); each logical
+                             shape goes through Newton-Schulz once, batched, is scaled, and
+                             is written back into the same buffer.
+  phase 4, scatter back:     the mirror exchange returns each rank its slice of the
+                             update; each rank applies p <- p (1 - lr wd) - lr u to its main
+                             shards, foreach per param group.
   then Megatron as usual:    the inner AdamW steps the non-Muon shards (Muon shards have
                              their grad cleared, so AdamW skips them), main params are
                              copied to the model and all-gathered over DP.
@@ -24,7 +30,9 @@ and clipping, i.e. at the start of `step_with_ready_grads`), per bucket of matri
 `pipeline.run_pipeline` overlaps the buckets: bucket k+1's gather is in flight while bucket
 k's Newton-Schulz runs, and bucket k's scatter while bucket k+1's runs; a chain's dense and
 expert buckets are interleaved. Nothing in the step copies a value to the host or waits
-for the device (`step_metrics`: the figures stay on the device until the log reads them).
+for the device (`step_metrics`: the figures stay on the device until the log reads them),
+and the step dispatches a number of operators set by its buckets and shapes, not by its
+matrices.
 
 Each matrix is orthogonalized exactly once in the whole grid; owners are balanced by
 Newton-Schulz cost (`ownership.assign_owners`) and, within 5% of the mean load, chosen where
@@ -37,7 +45,7 @@ equals the single-device reference (`muon_megatron.reference.Muon`) up to fp32 r
 (different reduction orders of the DP/TP gradient reduction and batched vs single matmuls),
 tested at relative 1e-5. bf16 Newton-Schulz or bf16 communication round to bf16 (~3
 significant digits) and are tested at a bf16 tolerance. Pipelining changes no arithmetic;
-the bucket size changes only which same-shape matrices share one batched Newton-Schulz.
+the buckets change only which same-shape matrices share one batched Newton-Schulz.
 """
 
 from __future__ import annotations

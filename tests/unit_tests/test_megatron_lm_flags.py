@@ -129,3 +129,19 @@ def test_megatron_flags_we_do_not_honour_are_refused_naming_ours(tag, argv, ours
     with pytest.raises(ValueError) as error:
         muon_config_from_args(args)
     assert ours in str(error.value) and argv[0] in str(error.value), str(error.value)
+
+
+def test_the_old_bucket_flag_is_refused_naming_its_replacement() -> None:
+    """`--muon-bucket-mb` capped a bucket in total; buckets are now capped per owner, so the
+    old flag is refused (with its replacement named) rather than read with a new meaning."""
+    import argparse
+
+    import pytest
+
+    from muon_megatron.megatron_lm.arguments import add_muon_config_args, muon_config_from_args
+
+    parser = add_muon_config_args(argparse.ArgumentParser())
+    with pytest.raises(ValueError, match="--muon-bucket-mb 64 .*--muon-owner-bucket-mb"):
+        muon_config_from_args(parser.parse_args(["--muon-bucket-mb", "64"]))
+    cfg = muon_config_from_args(parser.parse_args(["--muon-owner-bucket-mb", "8"]))
+    assert cfg.muon_owner_bucket_mb == 8.0
