@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from megatron.core.dist_checkpointing.mapping import (
@@ -55,21 +55,41 @@ class MuonCheckpointMixin:
     """Muon shards in Megatron's `DistributedOptimizer` checkpoint paths.
 
     Needs the host class to provide `_matrices` (each with `.param` and `.name`), as
-    `MuonDistributedOptimizer` does. Momentum is copied, never recomputed: save and load are
-    bitwise for both sharding types.
+    `MuonDistributedOptimizer` does, assigned as a whole (a new list for a new plan), never
+    edited in place. Momentum is copied, never recomputed: save and load are bitwise for both
+    sharding types.
     """
 
     _muon_gather_as_adam: bool = False
     _reading_adamw_checkpoint: bool = False
     """Set by `reading_adamw_checkpoint`: the checkpoint being loaded was written by AdamW,
     so Muon parameters request AdamW's layout and take their momentum from `exp_avg`."""
+    _muon_names_cache: tuple[Sequence, dict[torch.nn.Parameter, str]] | None = None
+    """`_muon_names`' map and the `_matrices` list it was built from."""
     _steps_taken: int = 0
     """Optimizer steps of this member; what a checkpoint records as its AdamW 'step' when
     the member has no AdamW shard (an MoE expert optimizer is all Muon)."""
 
     # ------------------------------------------------------------------ bookkeeping
     def _muon_names(self) -> dict[torch.nn.Parameter, str]:
-        return {m.param: m.name for m in getattr(self, "_matrices", ())}
+        """Each Muon parameter of this optimizer mapped to its name, in `_matrices` order.
+
+        Built on the first call after `_matrices` is assigned; later calls return the same
+        dict (callers only read it) until `_matrices` holds another list. Megatron calls the
+        per-parameter hooks below once per parameter: a map rebuilt in each call made save and
+        load quadratic in the number of Muon matrices (tens of thousands in a Kimi-K2-sized MoE).
+        """
+        matrices = getattr(self, "_matrices", ())
+        cached = self._muon_names_cache
+        # Keyed on the identity of the list `_matrices` holds now (the cache keeps that list
+        # alive, so `is` cannot match a new list at a recycled address). The host assigns a
+        # new list whenever it plans (`[]`, then the plan) and never edits one in place, so a
+        # map built from the list the attribute holds now is the map of the current plan,
+        # whatever the order in which the host's attributes were created.
+        if cached is None or cached[0] is not matrices:
+            cached = (matrices, {m.param: m.name for m in matrices})
+            self._muon_names_cache = cached
+        return cached[1]
 
     def _main_param_and_state(self, model_param: torch.nn.Parameter) -> tuple[torch.Tensor, dict]:
         group_index, group_order = self.model_param_group_index_map[model_param]
