@@ -293,27 +293,24 @@ class MuonCheckpointMixin:
             return state
         muon = self._muon_names()
         for gbuf_idx, gbuf_range_maps in enumerate(self.gbuf_ranges):
+            spans_of_bucket = _bucket_spans(self.buffers[gbuf_idx])
             for dtype, range_maps in gbuf_range_maps.items():
                 for bucket_idx, range_map in enumerate(range_maps):
+                    spans = spans_of_bucket.get(bucket_idx, [])
                     # Whether a bucket is packed is a property of the whole bucket, never of
                     # this rank's slice: every DP rank must give a state key the same global
                     # shape, and a rank whose slice holds only AdamW params (a large embedding
                     # at DP >= 4) must still pack its exp_avg over the bucket's AdamW params.
-                    if self._bucket_has_muon(gbuf_idx, bucket_idx, muon):
+                    if any(param in muon for _, _, param in spans):
                         self._pack_bucket_state(
-                            gbuf_idx,
-                            bucket_idx,
+                            spans,
                             list(range_map["param_map"]),
                             state[gbuf_idx][dtype][bucket_idx],
                             muon,
                         )
         return state
 
-    def _bucket_has_muon(self, gbuf_idx: int, bucket_idx: int, muon) -> bool:
-        index_map = self.buffers[gbuf_idx].param_index_map
-        return any(b == bucket_idx and p in muon for p, (_, _, b) in index_map.items())
-
-    def _pack_bucket_state(self, gbuf_idx, bucket_idx, local_params, entries, muon) -> None:
+    def _pack_bucket_state(self, spans, local_params, entries, muon) -> None:
         """Give each optimizer-state key of a bucket its own packed 1-D coordinate space.
 
         Megatron writes every state key over the whole bucket. A Muon parameter has no
@@ -321,17 +318,8 @@ class MuonCheckpointMixin:
         the parameters that have it, in bucket order: offset = elements of earlier such
         parameters + position inside the parameter. DP-size independent, so DP resharding
         still works. Padding entries keep only `param` (Megatron covers gaps there).
+        `spans` are the bucket's `_bucket_spans`.
         """
-        buffer = self.buffers[gbuf_idx]
-        bucket = buffer.buckets[bucket_idx]
-        spans = sorted(
-            (
-                (start - bucket.offset, end - bucket.offset, param)
-                for param, (start, end, b) in buffer.param_index_map.items()
-                if b == bucket_idx
-            ),
-            key=lambda span: span[0],
-        )
         packed_start: dict = {}
         totals = {"muon": 0, "adam": 0}
         for start, end, param in spans:
@@ -381,6 +369,22 @@ class MuonCheckpointMixin:
             "Megatron-LM use --ckpt-format torch_dist (its default); from Python, load with "
             "muon_megatron.training.checkpointing.load_checkpoint."
         )
+
+
+def _bucket_spans(buffer) -> dict[int, list[tuple[int, int, torch.nn.Parameter]]]:
+    """Bucket index -> `(start, end, param)` of each of its parameters, offsets relative to
+    the bucket, in bucket order.
+
+    One pass over the buffer's parameters for all its buckets: a scan of every parameter per
+    bucket is quadratic when buckets hold a few large matrices each (MoE experts at scale).
+    """
+    spans: dict[int, list[tuple[int, int, torch.nn.Parameter]]] = {}
+    for param, (start, end, bucket_idx) in buffer.param_index_map.items():
+        offset = buffer.buckets[bucket_idx].offset
+        spans.setdefault(bucket_idx, []).append((start - offset, end - offset, param))
+    for bucket_spans in spans.values():
+        bucket_spans.sort(key=lambda span: span[0])
+    return spans
 
 
 def _unwrap(value):
