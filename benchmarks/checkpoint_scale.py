@@ -15,16 +15,18 @@ save and the fastest load, and of each the time spent in the optimizer's own cal
 torch's `dist_checkpointing`. `--bucket-size N` gives megatron's DDP buckets of N elements
 (with overlapped grad reduction, as Megatron-LM has them) instead of one bucket per buffer.
 
-Two counts come from wrappers installed by this script in the measuring process, never from
-state kept by the optimizer:
+The counts and times below come from wrappers installed by this script in the measuring process,
+never from state kept by the optimizer:
 
   hook calls  calls of `MuonCheckpointMixin._get_main_param_and_optimizer_states` and
-              `_set_main_param_and_optimizer_states` (Megatron's per-parameter hooks) in one
-              save plus one load;
+              `_set_main_param_and_optimizer_states` (Megatron's per-parameter hooks) in the
+              first save plus the first load of a row; `hook s`, the seconds spent inside
+              them in one save plus one load (the fastest repeat);
   passes      complete iterations over a Muon optimizer's `_matrices` (the list of all its
-              Muon matrices) in one save plus one load: each member's `_matrices` is
-              replaced by a list that counts its `iter()` calls. A per-parameter lookup that
-              rebuilds its map from `_matrices` shows as one pass per hook call.
+              Muon matrices) in the first save plus the first load of a row: each member's
+              `_matrices` is replaced by a list that counts its `iter()` calls. A
+              per-parameter lookup that rebuilds its map from `_matrices` shows as one pass
+              per hook call.
 
 Each checkout is measured in its own subprocess with PYTHONPATH=<checkout>, so `--repo`
 compares the code before a change with the code after it in one run. Timings are wall clock
@@ -58,12 +60,16 @@ def _measure(rank: int, world_size: int, options: dict[str, Any]) -> list[dict[s
     from muon_megatron.testing import tiny
     from muon_megatron.training import checkpointing
 
-    calls = {"hooks": 0, "passes": 0, "optimizer_s": 0.0}
+    calls = {"hooks": 0, "hook_s": 0.0, "passes": 0, "optimizer_s": 0.0}
 
     def counting(method):
         def wrapper(self, *args, **kwargs):
             calls["hooks"] += 1
-            return method(self, *args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                calls["hook_s"] += time.perf_counter() - start
 
         return wrapper
 
@@ -110,14 +116,15 @@ def _measure(rank: int, world_size: int, options: dict[str, Any]) -> list[dict[s
     for member in members:
         member._matrices = CountingList(member._matrices)
     matrices = sum(len(m._matrices) for m in members)
+    buckets = sum(len(buffer.buckets) for m in members for buffer in m.buffers)
 
     rows = []
     for sharding in options["shardings"]:
-        saves, loads, counts = [], [], {}
+        saves, loads, hook_s, counts = [], [], [], {}
         for _ in range(options["repeats"]):
             with tempfile.TemporaryDirectory(prefix="ckpt-scale-") as root:
                 ckpt = os.path.join(root, "ckpt")
-                calls.update(hooks=0, passes=0, optimizer_s=0.0)
+                calls.update(hooks=0, hook_s=0.0, passes=0, optimizer_s=0.0)
                 start = time.perf_counter()
                 checkpointing.save_checkpoint(ckpt, model, optimizer, scheduler, 1, sharding)
                 saves.append((time.perf_counter() - start, calls["optimizer_s"]))
@@ -126,18 +133,21 @@ def _measure(rank: int, world_size: int, options: dict[str, Any]) -> list[dict[s
                 with torch.no_grad():
                     checkpointing.load_checkpoint(ckpt, model, optimizer, scheduler)
                 loads.append((time.perf_counter() - start, calls["optimizer_s"]))
-                counts = {"hooks": calls["hooks"], "passes": calls["passes"]}
+                hook_s.append(calls["hook_s"])
+                counts = counts or {k: calls[k] for k in ("hooks", "passes")}
         rows.append(
             {
                 "code": os.path.dirname(os.path.dirname(muon_megatron.__file__)),
                 "experts": options["experts"],
                 "sharding": sharding,
                 "muon_matrices": matrices,
+                "buckets": buckets,
                 "save_s": min(saves)[0],
                 "save_optimizer_s": min(saves)[1],
                 "load_s": min(loads)[0],
                 "load_optimizer_s": min(loads)[1],
                 "hook_calls": counts["hooks"],
+                "hook_s": min(hook_s),
                 "passes": counts["passes"],
             }
         )
@@ -201,18 +211,18 @@ def main() -> int:
         "bucket_size": args.bucket_size,
     }
     repos = [HERE] + [r.resolve() for r in args.repo]
-    print("| code | experts | sharding | Muon matrices | save s | (optimizer s) | load s | "
-          "(optimizer s) | hook calls | passes |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| code | experts | sharding | Muon matrices | buckets | save s | (optimizer s) | "
+          "load s | (optimizer s) | hook calls | hook s | passes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for repo in repos:
         for row in measure(repo, options):
             results.append(row)
             print(
                 f"| {row['code']} | {row['experts']} | {row['sharding']} | "
-                f"{row['muon_matrices']} | {row['save_s']:.2f} | {row['save_optimizer_s']:.2f} | "
+                f"{row['muon_matrices']} | {row['buckets']} | {row['save_s']:.2f} | {row['save_optimizer_s']:.2f} | "
                 f"{row['load_s']:.2f} | {row['load_optimizer_s']:.2f} | "
-                f"{row['hook_calls']} | {row['passes']} |",
+                f"{row['hook_calls']} | {row['hook_s']:.2f} | {row['passes']} |",
                 flush=True,
             )
     if args.json:
