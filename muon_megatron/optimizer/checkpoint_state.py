@@ -21,7 +21,7 @@ parameters and a momentum can never be mistaken for an Adam moment (see docs/che
                      packed in bucket order (a bucket without Muon parameters is written
                      exactly as Megatron writes it). A per-DP-group ShardedObject
                      `...dp_group_idx_<i>.muon_params` lists the Muon parameters; loading
-                     checks it before any state is applied.
+                     checks it before any state is applied. `checkpoint_packing` packs.
 
 Other sharding types (Megatron's deprecated `dp_zero_gather_scatter`,
 `fully_sharded_model_space`, FSDP's `fsdp_dtensor`) raise NotImplementedError.
@@ -34,12 +34,10 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 
 import torch
-from megatron.core.dist_checkpointing.mapping import (
-    LocalNonpersistentObject,
-    ShardedObject,
-    ShardedTensor,
-)
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import distrib_optimizer as _megatron_distrib_optimizer
+
+from muon_megatron.optimizer.checkpoint_packing import bucket_spans, pack_bucket_state
 
 __all__ = ["MuonCheckpointMixin", "reading_adamw_checkpoint", "MUON_MOMENTUM", "MUON_MANIFEST", "SHARDING_TYPES"]
 
@@ -293,7 +291,7 @@ class MuonCheckpointMixin:
             return state
         muon = self._muon_names()
         for gbuf_idx, gbuf_range_maps in enumerate(self.gbuf_ranges):
-            spans_of_bucket = _bucket_spans(self.buffers[gbuf_idx])
+            spans_of_bucket = bucket_spans(self.buffers[gbuf_idx])
             for dtype, range_maps in gbuf_range_maps.items():
                 for bucket_idx, range_map in enumerate(range_maps):
                     spans = spans_of_bucket.get(bucket_idx, [])
@@ -302,45 +300,13 @@ class MuonCheckpointMixin:
                     # shape, and a rank whose slice holds only AdamW params (a large embedding
                     # at DP >= 4) must still pack its exp_avg over the bucket's AdamW params.
                     if any(param in muon for _, _, param in spans):
-                        self._pack_bucket_state(
+                        pack_bucket_state(
                             spans,
                             list(range_map["param_map"]),
                             state[gbuf_idx][dtype][bucket_idx],
                             muon,
                         )
         return state
-
-    def _pack_bucket_state(self, spans, local_params, entries, muon) -> None:
-        """Give each optimizer-state key of a bucket its own packed 1-D coordinate space.
-
-        Megatron writes every state key over the whole bucket. A Muon parameter has no
-        exp_avg/exp_avg_sq and an AdamW one no momentum, so each key's global tensor runs over
-        the parameters that have it, in bucket order: offset = elements of earlier such
-        parameters + position inside the parameter. DP-size independent, so DP resharding
-        still works. Padding entries keep only `param` (Megatron covers gaps there).
-        `spans` are the bucket's `_bucket_spans`.
-        """
-        packed_start: dict = {}
-        totals = {"muon": 0, "adam": 0}
-        for start, end, param in spans:
-            kind = "muon" if param in muon else "adam"
-            packed_start[param] = (kind, totals[kind], start)
-            totals[kind] += end - start
-        params = iter(local_params)
-        for entry in entries:
-            if _unwrap(entry["padding"]):
-                for key in [k for k in entry if k not in ("param", "padding")]:
-                    del entry[key]
-                continue
-            param = next(params)
-            kind, base, start = packed_start[param]
-            for key, value in entry.items():
-                if key == "param" or not isinstance(value, ShardedTensor):
-                    continue
-                offset = base + value.global_offset[0] - start
-                entry[key] = dataclasses.replace(
-                    value, global_shape=(totals[kind],), global_offset=(offset,)
-                )
 
     def _params_in_checkpoint_order(self) -> Iterator[torch.nn.Parameter]:
         # The order of sharded_param_state_fully_reshardable and its loader.
@@ -369,26 +335,6 @@ class MuonCheckpointMixin:
             "Megatron-LM use --ckpt-format torch_dist (its default); from Python, load with "
             "muon_megatron.training.checkpointing.load_checkpoint."
         )
-
-
-def _bucket_spans(buffer) -> dict[int, list[tuple[int, int, torch.nn.Parameter]]]:
-    """Bucket index -> `(start, end, param)` of each of its parameters, offsets relative to
-    the bucket, in bucket order.
-
-    One pass over the buffer's parameters for all its buckets: a scan of every parameter per
-    bucket is quadratic when buckets hold a few large matrices each (MoE experts at scale).
-    """
-    spans: dict[int, list[tuple[int, int, torch.nn.Parameter]]] = {}
-    for param, (start, end, bucket_idx) in buffer.param_index_map.items():
-        offset = buffer.buckets[bucket_idx].offset
-        spans.setdefault(bucket_idx, []).append((start - offset, end - offset, param))
-    for bucket_spans in spans.values():
-        bucket_spans.sort(key=lambda span: span[0])
-    return spans
-
-
-def _unwrap(value):
-    return value.unwrap() if isinstance(value, LocalNonpersistentObject) else value
 
 
 def _rename_state(key: str, old: str, new: str) -> str:
