@@ -21,7 +21,7 @@ parameters and a momentum can never be mistaken for an Adam moment (see docs/che
                      packed in bucket order (a bucket without Muon parameters is written
                      exactly as Megatron writes it). A per-DP-group ShardedObject
                      `...dp_group_idx_<i>.muon_params` lists the Muon parameters; loading
-                     checks it before any state is applied.
+                     checks it before any state is applied. `checkpoint_packing` packs.
 
 Other sharding types (Megatron's deprecated `dp_zero_gather_scatter`,
 `fully_sharded_model_space`, FSDP's `fsdp_dtensor`) raise NotImplementedError.
@@ -31,15 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
-from megatron.core.dist_checkpointing.mapping import (
-    LocalNonpersistentObject,
-    ShardedObject,
-    ShardedTensor,
-)
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import distrib_optimizer as _megatron_distrib_optimizer
+
+from muon_megatron.optimizer.checkpoint_packing import bucket_spans, pack_bucket_state
 
 __all__ = ["MuonCheckpointMixin", "reading_adamw_checkpoint", "MUON_MOMENTUM", "MUON_MANIFEST", "SHARDING_TYPES"]
 
@@ -55,21 +53,41 @@ class MuonCheckpointMixin:
     """Muon shards in Megatron's `DistributedOptimizer` checkpoint paths.
 
     Needs the host class to provide `_matrices` (each with `.param` and `.name`), as
-    `MuonDistributedOptimizer` does. Momentum is copied, never recomputed: save and load are
-    bitwise for both sharding types.
+    `MuonDistributedOptimizer` does, assigned as a whole (a new list for a new plan), never
+    edited in place. Momentum is copied, never recomputed: save and load are bitwise for both
+    sharding types.
     """
 
     _muon_gather_as_adam: bool = False
     _reading_adamw_checkpoint: bool = False
     """Set by `reading_adamw_checkpoint`: the checkpoint being loaded was written by AdamW,
     so Muon parameters request AdamW's layout and take their momentum from `exp_avg`."""
+    _muon_names_cache: tuple[Sequence, dict[torch.nn.Parameter, str]] | None = None
+    """`_muon_names`' map and the `_matrices` list it was built from."""
     _steps_taken: int = 0
     """Optimizer steps of this member; what a checkpoint records as its AdamW 'step' when
     the member has no AdamW shard (an MoE expert optimizer is all Muon)."""
 
     # ------------------------------------------------------------------ bookkeeping
     def _muon_names(self) -> dict[torch.nn.Parameter, str]:
-        return {m.param: m.name for m in getattr(self, "_matrices", ())}
+        """Each Muon parameter of this optimizer mapped to its name, in `_matrices` order.
+
+        Built on the first call after `_matrices` is assigned; later calls return the same
+        dict (callers only read it) until `_matrices` holds another list. Megatron calls the
+        per-parameter hooks below once per parameter: a map rebuilt in each call made save and
+        load quadratic in the number of Muon matrices (tens of thousands in a Kimi-K2-sized MoE).
+        """
+        matrices = getattr(self, "_matrices", ())
+        cached = self._muon_names_cache
+        # Keyed on the identity of the list `_matrices` holds now (the cache keeps that list
+        # alive, so `is` cannot match a new list at a recycled address). The host assigns a
+        # new list whenever it plans (`[]`, then the plan) and never edits one in place, so a
+        # map built from the list the attribute holds now is the map of the current plan,
+        # whatever the order in which the host's attributes were created.
+        if cached is None or cached[0] is not matrices:
+            cached = (matrices, {m.param: m.name for m in matrices})
+            self._muon_names_cache = cached
+        return cached[1]
 
     def _main_param_and_state(self, model_param: torch.nn.Parameter) -> tuple[torch.Tensor, dict]:
         group_index, group_order = self.model_param_group_index_map[model_param]
@@ -273,66 +291,22 @@ class MuonCheckpointMixin:
             return state
         muon = self._muon_names()
         for gbuf_idx, gbuf_range_maps in enumerate(self.gbuf_ranges):
+            spans_of_bucket = bucket_spans(self.buffers[gbuf_idx])
             for dtype, range_maps in gbuf_range_maps.items():
                 for bucket_idx, range_map in enumerate(range_maps):
+                    spans = spans_of_bucket.get(bucket_idx, [])
                     # Whether a bucket is packed is a property of the whole bucket, never of
                     # this rank's slice: every DP rank must give a state key the same global
                     # shape, and a rank whose slice holds only AdamW params (a large embedding
                     # at DP >= 4) must still pack its exp_avg over the bucket's AdamW params.
-                    if self._bucket_has_muon(gbuf_idx, bucket_idx, muon):
-                        self._pack_bucket_state(
-                            gbuf_idx,
-                            bucket_idx,
+                    if any(param in muon for _, _, param in spans):
+                        pack_bucket_state(
+                            spans,
                             list(range_map["param_map"]),
                             state[gbuf_idx][dtype][bucket_idx],
                             muon,
                         )
         return state
-
-    def _bucket_has_muon(self, gbuf_idx: int, bucket_idx: int, muon) -> bool:
-        index_map = self.buffers[gbuf_idx].param_index_map
-        return any(b == bucket_idx and p in muon for p, (_, _, b) in index_map.items())
-
-    def _pack_bucket_state(self, gbuf_idx, bucket_idx, local_params, entries, muon) -> None:
-        """Give each optimizer-state key of a bucket its own packed 1-D coordinate space.
-
-        Megatron writes every state key over the whole bucket. A Muon parameter has no
-        exp_avg/exp_avg_sq and an AdamW one no momentum, so each key's global tensor runs over
-        the parameters that have it, in bucket order: offset = elements of earlier such
-        parameters + position inside the parameter. DP-size independent, so DP resharding
-        still works. Padding entries keep only `param` (Megatron covers gaps there).
-        """
-        buffer = self.buffers[gbuf_idx]
-        bucket = buffer.buckets[bucket_idx]
-        spans = sorted(
-            (
-                (start - bucket.offset, end - bucket.offset, param)
-                for param, (start, end, b) in buffer.param_index_map.items()
-                if b == bucket_idx
-            ),
-            key=lambda span: span[0],
-        )
-        packed_start: dict = {}
-        totals = {"muon": 0, "adam": 0}
-        for start, end, param in spans:
-            kind = "muon" if param in muon else "adam"
-            packed_start[param] = (kind, totals[kind], start)
-            totals[kind] += end - start
-        params = iter(local_params)
-        for entry in entries:
-            if _unwrap(entry["padding"]):
-                for key in [k for k in entry if k not in ("param", "padding")]:
-                    del entry[key]
-                continue
-            param = next(params)
-            kind, base, start = packed_start[param]
-            for key, value in entry.items():
-                if key == "param" or not isinstance(value, ShardedTensor):
-                    continue
-                offset = base + value.global_offset[0] - start
-                entry[key] = dataclasses.replace(
-                    value, global_shape=(totals[kind],), global_offset=(offset,)
-                )
 
     def _params_in_checkpoint_order(self) -> Iterator[torch.nn.Parameter]:
         # The order of sharded_param_state_fully_reshardable and its loader.
@@ -361,10 +335,6 @@ class MuonCheckpointMixin:
             "Megatron-LM use --ckpt-format torch_dist (its default); from Python, load with "
             "muon_megatron.training.checkpointing.load_checkpoint."
         )
-
-
-def _unwrap(value):
-    return value.unwrap() if isinstance(value, LocalNonpersistentObject) else value
 
 
 def _rename_state(key: str, old: str, new: str) -> str:
