@@ -26,6 +26,8 @@ from megatron.core.dist_checkpointing.mapping import (
 from megatron.core.utils import log_single_rank
 from torch.distributed.checkpoint.api import CheckpointException
 
+from muon_megatron.integrity import CheckpointReadError, read_error
+from muon_megatron.integrity.files import last_complete_checkpoint
 from muon_megatron.optimizer.checkpoint_state import MUON_MANIFEST, MUON_MOMENTUM
 
 __all__ = [
@@ -51,12 +53,9 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint does not fit this run (Muon parameter set, missing state, format)."""
 
 
-class CheckpointReadError(RuntimeError):
-    """The checkpoint's files could not be read (missing, truncated or corrupt)."""
-
-
 def read_checkpoint(ckpt_dir: str, reader):
-    """`reader(ckpt_dir)`, with any read failure raised as `CheckpointReadError`."""
+    """`reader(ckpt_dir)`, with any read failure raised as `CheckpointReadError` naming the
+    directory, the error and the last complete checkpoint beside it."""
     try:
         return reader(ckpt_dir)
     except CheckpointMismatchError:
@@ -64,11 +63,11 @@ def read_checkpoint(ckpt_dir: str, reader):
     # torch.distributed.checkpoint reports read failures of any rank, on every rank, as a
     # CheckpointException, which derives from BaseException.
     except (Exception, CheckpointException) as error:  # noqa: BLE001
-        raise CheckpointReadError(
-            f"could not read the checkpoint at {ckpt_dir!r} ({type(error).__name__}: {error}). "
-            "Its files are missing, truncated or corrupt (an interrupted save or copy?): load "
-            "the previous complete checkpoint, or re-save this one from the run that wrote it."
-        ) from error
+        problem = (
+            f"reading it failed ({type(error).__name__}: {error}): its files are missing, "
+            "truncated or corrupt (an interrupted save or copy?)"
+        )
+        raise read_error(ckpt_dir, [problem], last_complete_checkpoint(ckpt_dir)) from error
 
 
 def reconcile_model_space(opt_sd: dict, saved_keys: set[str], ckpt_dir: str) -> list[tuple]:

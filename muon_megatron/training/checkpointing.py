@@ -15,9 +15,12 @@ the state key `muon_momentum`); this module reads the checkpoint's tensor metada
       Muon -> AdamW  `exp_avg` is loaded from the momentum and `exp_avg_sq` set to its
                      elementwise square, so the first AdamW updates are bounded by lr per
                      element, like AdamW's own first step (zeros would divide by eps);
-  * refuse a checkpoint that does not match (another Muon parameter set, missing momentum,
-    unreadable files) with `CheckpointMismatchError` / `CheckpointReadError` naming the
-    parameter and the fix, raised on every rank together.
+  * refuse a checkpoint that does not match (another Muon parameter set, missing momentum)
+    with `CheckpointMismatchError` naming the parameter and the fix, raised on every rank
+    together;
+  * refuse, before reading anything, a checkpoint whose files are missing, truncated or
+    differ from what was saved (`muon_megatron.integrity`: every save records each file's
+    CRC-32), with `CheckpointReadError` naming the file and the last complete checkpoint.
 
 docs/checkpoints.md describes the format and the policies.
 """
@@ -37,6 +40,7 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.utils import log_single_rank
 
+from muon_megatron.integrity import record_checksums, verify_checkpoint
 from muon_megatron.optimizer.checkpoint_state import SHARDING_TYPES
 from muon_megatron.training.checkpoint_match import (
     CheckpointMismatchError,
@@ -82,6 +86,8 @@ def save_checkpoint(
     not hold a checkpoint already. `sharding_type` is the distributed optimizer's format:
     'fully_reshardable' (model space; loads under any TP/PP/EP/DP layout and allows an
     optimizer switch) or 'dp_reshardable' (bucket space, no gather; same TP/PP/EP, any DP).
+    Every rank then records the CRC-32 of the files it wrote (`integrity.record_checksums`);
+    it returns when all of them have.
     """
     if sharding_type not in SHARDING_TYPES:
         raise ValueError(f"sharding_type={sharding_type!r}: pick one of {SHARDING_TYPES}.")
@@ -102,6 +108,7 @@ def save_checkpoint(
         "world_size": torch.distributed.get_world_size(),
     }
     dist_checkpointing.save(state, ckpt_dir, content_metadata=content)
+    record_checksums(ckpt_dir)
 
 
 # ------------------------------------------------------------------------------------ load
@@ -113,8 +120,10 @@ def load_checkpoint(
     Collective over all ranks. The layout may differ from the saving run's wherever the
     checkpoint's sharding type allows it; RNG states are restored only under the same world
     size. Raises `CheckpointMismatchError` / `CheckpointReadError` (on every rank) before any
-    state is changed when the checkpoint does not fit or cannot be read.
+    state is changed when the checkpoint does not fit, is incomplete, or differs from what
+    was saved (each file against its CRC-32; the ranks share the reading).
     """
+    _log_verified(verify_checkpoint(ckpt_dir))
     common = read_checkpoint(ckpt_dir, dist_checkpointing.load_common_state_dict)
     content = common.get("content_metadata") or {}
     if _FORMAT_KEY not in content:
@@ -178,6 +187,7 @@ def save_model(model_chunks: list[torch.nn.Module], ckpt_dir: str) -> None:
         os.makedirs(ckpt_dir, exist_ok=True)
     torch.distributed.barrier()
     dist_checkpointing.save(model_sharded_state_dict(model_chunks), ckpt_dir)
+    record_checksums(ckpt_dir)
 
 
 @torch.no_grad()
@@ -192,8 +202,10 @@ def load_model(
     Collective over all ranks. A mixed-precision optimizer keeps fp32 main copies of the
     params: pass it as `optimizer` (its main params are refreshed from the loaded weights), or
     load before building the optimizer. For an fp32 model the ZeRO-1 optimizer's main params
-    are views of the model params and see the load either way.
+    are views of the model params and see the load either way. Raises `CheckpointReadError`
+    (every rank) for an incomplete or damaged checkpoint, before anything is read.
     """
+    _log_verified(verify_checkpoint(ckpt_dir))
     loaded = dist_checkpointing.load(model_sharded_state_dict(model_chunks), ckpt_dir)
     load_weights(model_chunks, loaded)
     if optimizer is not None:
@@ -219,6 +231,10 @@ def _chunk_key(index: int, count: int) -> str:
 
 
 # ------------------------------------------------------------------------------------ helpers
+def _log_verified(note: str) -> None:
+    log_single_rank(logger, logging.INFO, f"muon_megatron: checkpoint {note}")
+
+
 def _metadata(sharding_type: str) -> dict[str, Any]:
     # What Megatron-LM's training loop passes (model-space keys without 'chained_i.' prefixes).
     return {"distrib_optim_sharding_type": sharding_type, "chained_optim_avoid_prefix": True}

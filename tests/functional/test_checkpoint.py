@@ -9,11 +9,13 @@ schedule warms up and decays (cosine), so a scheduler that were not restored wou
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import pickle
 import re
 import shutil
+import zlib
 from typing import Any
 
 import pytest
@@ -540,6 +542,18 @@ def _try_loads(rank: int, world: int, attempts: list[tuple[str, str | None]]) ->
     return messages
 
 
+def _rerecord_checksum(ckpt_dir: str, name: str) -> None:
+    """Record `name`'s new CRC-32 in rank 0's checksum file, as if it had been saved so."""
+    sidecar = os.path.join(ckpt_dir, "muon_checksums.0.json")
+    with open(sidecar, encoding="utf-8") as f:
+        record = json.load(f)
+    with open(os.path.join(ckpt_dir, name), "rb") as f:
+        data = f.read()
+    record["files"][name] = {"bytes": len(data), "crc32": zlib.crc32(data)}
+    with open(sidecar, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+
+
 def test_mismatched_checkpoints_raise_naming_the_parameter_and_the_fix(dp2, root) -> None:
     removed = "decoder.layers.self_attention.linear_proj.weight"  # layers stacked in one key
     no_momentum = os.path.join(root, "no_momentum")
@@ -549,6 +563,7 @@ def test_mismatched_checkpoints_raise_naming_the_parameter_and_the_fix(dp2, root
     del metadata.state_dict_metadata[f"optimizer.state.muon_momentum.{removed}"]
     with open(os.path.join(no_momentum, ".metadata"), "wb") as f:
         pickle.dump(metadata, f)
+    _rerecord_checksum(no_momentum, ".metadata")  # a consistent checkpoint that lacks the key
     truncated = os.path.join(root, "truncated")
     shutil.copytree(dp2["fully_reshardable"], truncated)
     data_file = os.path.join(truncated, "__0_0.distcp")
@@ -574,5 +589,5 @@ def test_mismatched_checkpoints_raise_naming_the_parameter_and_the_fix(dp2, root
     assert "routing (is_muon)" in other_set_dp
     assert missing.startswith("CheckpointMismatchError") and removed in missing, missing
     assert "no momentum" in missing and "complete checkpoint" in missing
-    assert corrupt.startswith("CheckpointReadError") and "truncated or corrupt" in corrupt, corrupt
-    assert "previous complete checkpoint" in corrupt
+    assert corrupt.startswith("CheckpointReadError") and "__0_0.distcp is truncated" in corrupt, corrupt
+    assert truncated in corrupt and "Nothing was loaded" in corrupt

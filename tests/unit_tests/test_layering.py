@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("muon_megatron.optimizer",),
     ("muon_megatron.costmodel",),
     ("muon_megatron.runtime",),
+    ("muon_megatron.integrity",),
     ("muon_megatron.megatron_lm",),
     ("muon_megatron.training",),
     ("muon_megatron.planner",),
