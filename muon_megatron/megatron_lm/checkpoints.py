@@ -1,18 +1,29 @@
-"""Optimizer switches through Megatron-LM's own `load_checkpoint`.
+"""Megatron-LM's own save and load, with muon-megatron's checks around them.
 
-`install()` wraps `megatron.training.training.load_checkpoint`. Before Megatron-LM reads the
-checkpoint it is about to load (`--load`, the iteration in its tracker file or
-`--ckpt-step`), the wrapper reads that checkpoint's tensor metadata (a file read on every
-rank, no collective) and compares the optimizer that wrote it with this run's:
+`install()` rebinds two functions:
 
-* AdamW checkpoint, `--optimizer muon` run: loaded through `reading_adamw_checkpoint`, in
-  either sharding type. Each Muon matrix's momentum is AdamW's `exp_avg` (the same EMA of
-  gradients), its `exp_avg_sq` is dropped, every other parameter's AdamW state loads as
-  saved. One log line says so.
-* Muon checkpoint, AdamW run: refused before anything is read, naming the two supported
-  paths (`--no-load-optim`, or muon-megatron's training entry, which converts).
-* Same optimizer, `--no-load-optim`, `--finetune`, no checkpoint: Megatron-LM's own path,
-  untouched.
+* `megatron.core.dist_checkpointing.save` (what Megatron-LM's `save_checkpoint` calls for
+  `--ckpt-format torch_dist`) to `recording_checksums`: once the save is complete (at once
+  for a synchronous save, as a finalize step of an `--async-save` request), every rank
+  records the CRC-32 of the files it wrote (`muon_megatron.integrity`). Both run before
+  Megatron-LM writes its tracker file.
+* `megatron.training.training.load_checkpoint` to `checking_before_load`. Before Megatron-LM
+  reads the checkpoint it is about to load (`--load`, the iteration in its tracker file or
+  `--ckpt-step`), the wrapper
+  - refuses an incomplete or damaged one (`integrity.verify_checkpoint`: `.metadata`, every
+    shard it lists at its size, `common.pt`, `metadata.json`, each file's CRC-32) with
+    `CheckpointReadError` naming the file and the last complete checkpoint, where Megatron-LM
+    itself would stop in an EOFError, FileNotFoundError, UnpicklingError or AttributeError
+    (`--no-load-optim` and `--finetune` included: the weights are read too);
+  - compares the optimizer that wrote it with this run's (a file read, no collective):
+    * AdamW checkpoint, `--optimizer muon` run: loaded through `reading_adamw_checkpoint`,
+      in either sharding type. Each Muon matrix's momentum is AdamW's `exp_avg` (the same EMA
+      of gradients), its `exp_avg_sq` is dropped, every other parameter's AdamW state loads
+      as saved. One log line says so.
+    * Muon checkpoint, AdamW run: refused before anything is read, naming the two supported
+      paths (`--no-load-optim`, or muon-megatron's training entry, which converts).
+    * Same optimizer, `--no-load-optim`, `--finetune`, no checkpoint: Megatron-LM's own
+      path, untouched.
 """
 
 from __future__ import annotations
@@ -24,7 +35,12 @@ import os
 from collections.abc import Callable
 from typing import Any, Literal
 
-__all__ = ["loading_across_optimizers", "checkpoint_optimizer", "MUON_STATE_MARK"]
+__all__ = [
+    "checking_before_load",
+    "recording_checksums",
+    "checkpoint_optimizer",
+    "MUON_STATE_MARK",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +60,8 @@ def checkpoint_optimizer(keys: list[str] | set[str]) -> CheckpointOptimizer:
 
 
 def _checkpoint_dir(args: argparse.Namespace, load_arg: str) -> str | None:
-    """The directory Megatron-LM's load_checkpoint will read, or None when there is none."""
+    """The directory Megatron-LM's load_checkpoint will read, or None when there is none
+    (no load directory, no tracker file, or a tracker Megatron-LM itself will report)."""
     from megatron.training import checkpointing
 
     load_dir = getattr(args, load_arg, None)
@@ -60,49 +77,100 @@ def _checkpoint_dir(args: argparse.Namespace, load_arg: str) -> str | None:
         with open(tracker, encoding="utf-8") as f:
             text = f.read().strip()
         release = text == "release"
+        if not release and not text.isdigit():
+            return None  # Megatron-LM's read_metadata names the bad tracker file
         iteration = 0 if release else int(text)
-    path = checkpointing.get_checkpoint_name(load_dir, iteration, release, return_base_dir=True)
-    return path if os.path.isfile(os.path.join(path, ".metadata")) else None
+    return checkpointing.get_checkpoint_name(load_dir, iteration, release, return_base_dir=True)
 
 
-def loading_across_optimizers(
+def _is_torch_dist(args: argparse.Namespace, ckpt_dir: str) -> bool:
+    """Whether Megatron-LM will read `ckpt_dir` as a torch_dist checkpoint (the format our
+    checks know; the legacy format keeps `mp_rank_*` folders)."""
+    if getattr(args, "ckpt_format", "torch_dist") != "torch_dist" and not getattr(
+        args, "auto_detect_ckpt_format", False
+    ):
+        return False
+    if not os.path.isdir(ckpt_dir):
+        return True
+    return not any(name.startswith("mp_rank_") for name in os.listdir(ckpt_dir))
+
+
+def recording_checksums(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap `dist_checkpointing.save`: after the save, each rank records its files' CRC-32."""
+    from muon_megatron.integrity import record_checksums
+
+    @functools.wraps(original)
+    def save(sharded_state_dict: Any, checkpoint_dir: Any, *rest: Any, **kwargs: Any) -> Any:
+        request = original(sharded_state_dict, checkpoint_dir, *rest, **kwargs)
+        if request is None:
+            record_checksums(str(checkpoint_dir))
+        else:  # --async-save: after the write and dist_checkpointing's own finalize steps
+            request.finalize_fns.append(lambda: record_checksums(str(checkpoint_dir)))
+        return request
+
+    return save
+
+
+def checking_before_load(
     original: Callable[..., Any], get_args: Callable[[], argparse.Namespace]
 ) -> Callable[..., Any]:
+    """Wrap Megatron-LM's `load_checkpoint`: the checks of the module docstring, then it."""
+
     @functools.wraps(original)
     def load_checkpoint(ddp_model: Any, optimizer: Any, *rest: Any, **kwargs: Any) -> Any:
-        from muon_megatron.optimizer.builder import muon_optimizers
-        from muon_megatron.optimizer.checkpoint_state import reading_adamw_checkpoint
+        from muon_megatron.integrity import verify_checkpoint
 
         args = get_args()
         load_arg = kwargs.get("load_arg", rest[1] if len(rest) > 1 else "load")
-        skip = optimizer is None or args.no_load_optim or getattr(args, "finetune", False)
-        ckpt_dir = None if skip else _checkpoint_dir(args, load_arg)
-        if ckpt_dir is None:
+        ckpt_dir = _checkpoint_dir(args, load_arg)
+        if ckpt_dir is None or not _is_torch_dist(args, ckpt_dir):
             return original(ddp_model, optimizer, *rest, **kwargs)
-        from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
-
-        saved = checkpoint_optimizer(set(load_tensors_metadata(ckpt_dir)))
-        members = muon_optimizers(optimizer)
-        if saved == "muon" and not members:
-            raise ValueError(
-                f"{ckpt_dir} was written by muon-megatron's Muon (it holds muon_momentum), and "
-                f"this run's optimizer is --optimizer {args.optimizer}: Megatron-LM's "
-                "load_checkpoint cannot turn Muon momentum into AdamW state. Either add "
-                "--no-load-optim (weights and iteration load; AdamW state and the lr schedule "
-                "start fresh), or convert once with muon-megatron's training entry "
-                "(muon_megatron.training.checkpointing.load_checkpoint sets exp_avg <- momentum, "
-                "exp_avg_sq <- momentum**2) and save from there."
-            )
-        if saved != "adam" or not members:
-            return original(ddp_model, optimizer, *rest, **kwargs)
+        note = verify_checkpoint(ckpt_dir)
         if getattr(args, "rank", 0) == 0:
-            logger.warning(
-                "muon-megatron: optimizer switch AdamW -> Muon while loading %s: Muon "
-                "momentum initialised from AdamW's exp_avg (the same EMA of gradients), "
-                "exp_avg_sq not used; AdamW state of the other parameters loaded as saved.",
-                ckpt_dir,
-            )
-        with reading_adamw_checkpoint(members):
+            logger.info("muon-megatron: checkpoint %s", note)
+        if optimizer is None or args.no_load_optim or getattr(args, "finetune", False):
             return original(ddp_model, optimizer, *rest, **kwargs)
+        return _load_across_optimizers(
+            original, args, ckpt_dir, ddp_model, optimizer, *rest, **kwargs
+        )
 
     return load_checkpoint
+
+
+def _load_across_optimizers(
+    original: Callable[..., Any],
+    args: argparse.Namespace,
+    ckpt_dir: str,
+    ddp_model: Any,
+    optimizer: Any,
+    *rest: Any,
+    **kwargs: Any,
+) -> Any:
+    from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
+
+    from muon_megatron.optimizer.builder import muon_optimizers
+    from muon_megatron.optimizer.checkpoint_state import reading_adamw_checkpoint
+
+    saved = checkpoint_optimizer(set(load_tensors_metadata(ckpt_dir)))
+    members = muon_optimizers(optimizer)
+    if saved == "muon" and not members:
+        raise ValueError(
+            f"{ckpt_dir} was written by muon-megatron's Muon (it holds muon_momentum), and "
+            f"this run's optimizer is --optimizer {args.optimizer}: Megatron-LM's "
+            "load_checkpoint cannot turn Muon momentum into AdamW state. Either add "
+            "--no-load-optim (weights and iteration load; AdamW state and the lr schedule "
+            "start fresh), or convert once with muon-megatron's training entry "
+            "(muon_megatron.training.checkpointing.load_checkpoint sets exp_avg <- momentum, "
+            "exp_avg_sq <- momentum**2) and save from there."
+        )
+    if saved != "adam" or not members:
+        return original(ddp_model, optimizer, *rest, **kwargs)
+    if getattr(args, "rank", 0) == 0:
+        logger.warning(
+            "muon-megatron: optimizer switch AdamW -> Muon while loading %s: Muon "
+            "momentum initialised from AdamW's exp_avg (the same EMA of gradients), "
+            "exp_avg_sq not used; AdamW state of the other parameters loaded as saved.",
+            ckpt_dir,
+        )
+    with reading_adamw_checkpoint(members):
+        return original(ddp_model, optimizer, *rest, **kwargs)

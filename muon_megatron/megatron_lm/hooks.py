@@ -8,8 +8,10 @@ core_v0.16), `get_megatron_muon_optimizer` for any `--optimizer` containing "muo
 `muon_megatron.get_muon_optimizer` (with the `--muon-*` flags as `MuonConfig`), everything
 else (adam, sgd) to the original function, unchanged. It also rebinds, in the same module,
 `training_log` (Muon's metrics at `--log-interval`, `metrics.py`), `load_checkpoint`
-(optimizer switches, `checkpoints.py`), and `clip_qk` and `train_step` (`--qk-clip` with the
-ZeRO-1 main shards and the local attention, `qk_clip.py`).
+(damaged checkpoints refused, optimizer switches, `checkpoints.py`), and `clip_qk` and
+`train_step` (`--qk-clip` with the ZeRO-1 main shards and the local attention,
+`qk_clip.py`); and `megatron.core.dist_checkpointing.save`, so that every save records its
+files' CRC-32 (`checkpoints.py`).
 
 `validate_args` rejects `--optimizer muon` together with `--use-distributed-optimizer`
 ("Muon optimizer does not support distributed optimizer for now"; core_v0.19 instead turns
@@ -85,7 +87,10 @@ def _import_megatron_lm() -> dict[str, types.ModuleType]:
             "muon_megatron.megatron_lm needs Megatron-LM's `megatron.training` package "
             "(a Megatron-LM checkout on PYTHONPATH); megatron-core alone does not ship it."
         ) from exc
+    from megatron.core import dist_checkpointing
+
     return {
+        "dist_checkpointing": dist_checkpointing,
         "training": training,
         "initialize": initialize,
         "arguments": arguments,
@@ -133,7 +138,8 @@ def install(*, add_args: bool = False, wrap_validate_args: bool = True) -> None:
         parsers=(modules["initialize"], modules["arguments"]) if add_args else (),
     )
     _rebind(training, "training_log", lambda f: metrics.logging_muon_metrics(f, get_args))
-    _rebind(training, "load_checkpoint", lambda f: checkpoints.loading_across_optimizers(f, get_args))
+    _rebind(training, "load_checkpoint", lambda f: checkpoints.checking_before_load(f, get_args))
+    _rebind(modules["dist_checkpointing"], "save", checkpoints.recording_checksums)
     _rebind(training, "clip_qk", qk_clip.clipping_with_muon)
     _rebind(training, "train_step", qk_clip.resetting_before_step)
 

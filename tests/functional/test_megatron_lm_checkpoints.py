@@ -1,0 +1,147 @@
+"""Megatron-LM's own `pretrain_gpt.py` with damaged checkpoints (muon-megatron's load hook).
+
+A 2-rank Muon run saves `iter_0000002` and `iter_0000004` (its tracker at 4); each test
+damages a copy of `iter_0000004` the way issue 23 did by hand and resumes from it on one
+rank. Megatron-LM on its own stops in an EOFError, FileNotFoundError, UnpicklingError or
+AttributeError, or, for flipped bytes, trains on from garbage; with the hook the run stops
+before its first iteration with `CheckpointReadError` naming the directory, the file and the
+last complete checkpoint (`iter_0000002`).
+
+Needs a Megatron-LM checkout (`MEGATRON_LM_DIR`) and the Python packages its
+`megatron.training` imports; skipped, with the reason, without them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Callable
+
+import pytest
+
+from muon_megatron.testing.megatron_lm_run import (
+    logged_values,
+    megatron_lm_dir,
+    run_pretrain_gpt,
+    tiny_gpt_args,
+)
+
+if megatron_lm_dir() is None:
+    pytest.skip(
+        "Megatron-LM not found: set MEGATRON_LM_DIR to a checkout of NVIDIA/Megatron-LM "
+        "(core_v0.16.1 or core_v0.19.x)",
+        allow_module_level=True,
+    )
+_MISSING = [m for m in ("six", "regex", "yaml", "pydantic") if importlib.util.find_spec(m) is None]
+if _MISSING:
+    pytest.skip(
+        f"Megatron-LM's training package needs {_MISSING}: pip install six regex pyyaml pydantic",
+        allow_module_level=True,
+    )
+
+RUN_TIMEOUT_S = 600.0
+DAMAGED, LAST_COMPLETE = "iter_0000004", "iter_0000002"
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("megatron_lm_checkpoints")
+
+
+@pytest.fixture(scope="module")
+def saved(runs_dir: pathlib.Path) -> pathlib.Path:
+    save = runs_dir / "saved"
+    args = tiny_gpt_args(train_iters=4, save=str(save), save_interval=2)
+    returncode, output = run_pretrain_gpt(2, args, timeout_s=RUN_TIMEOUT_S)
+    (runs_dir / "saved.log").write_text(output)
+    assert returncode == 0, output[-8000:]
+    return save
+
+
+def _truncate(name: str) -> Callable[[pathlib.Path], None]:
+    def damage(ckpt_dir: pathlib.Path) -> None:
+        path = ckpt_dir / name
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+
+    return damage
+
+
+def _delete(name: str) -> Callable[[pathlib.Path], None]:
+    return lambda ckpt_dir: (ckpt_dir / name).unlink()
+
+
+def _flip(name: str, count: int = 300) -> Callable[[pathlib.Path], None]:
+    """XOR `count` bytes in the middle of the file (its size unchanged), as issue 23 did."""
+
+    def damage(ckpt_dir: pathlib.Path) -> None:
+        path = ckpt_dir / name
+        with open(path, "r+b") as f:
+            f.seek(path.stat().st_size // 2)
+            chunk = f.read(count)
+            f.seek(-len(chunk), os.SEEK_CUR)
+            f.write(bytes(b ^ 0x5A for b in chunk))
+
+    return damage
+
+
+# (damage, the file the error must name, what it must say about it); Megatron-LM's own error
+# for each, without the hook, in the comment.
+CASES = {
+    "truncated_shard": (_truncate("__0_0.distcp"), "__0_0.distcp", "is truncated"),  # EOFError
+    "deleted_shard": (_delete("__1_0.distcp"), "__1_0.distcp", "is missing"),  # FileNotFoundError
+    "garbled_metadata": (_flip(".metadata", 64), ".metadata", "is damaged"),  # UnpicklingError
+    "deleted_common": (_delete("common.pt"), "common.pt", "is missing"),  # AttributeError
+    "flipped_bytes": (_flip("__0_0.distcp"), "__0_0.distcp", "differs from what was saved"),  # trains on
+}
+
+
+def _resume(runs_dir: pathlib.Path, name: str, load: pathlib.Path) -> tuple[int, str]:
+    """Resume from `load` on one rank to iteration 6 (the schedule as saved: the saving run
+    had --train-iters 4)."""
+    args = tiny_gpt_args(train_iters=6, load=str(load), extra=("--use-checkpoint-opt_param-scheduler",))
+    returncode, output = run_pretrain_gpt(1, args, timeout_s=RUN_TIMEOUT_S)
+    (runs_dir / f"{name}.log").write_text(output)
+    return returncode, output
+
+
+def test_the_intact_copy_resumes_and_trains_5_and_6(saved: pathlib.Path, runs_dir: pathlib.Path) -> None:
+    load = runs_dir / "intact"
+    shutil.copytree(saved, load)
+    returncode, output = _resume(runs_dir, "intact", load)
+    assert returncode == 0, output[-4000:]
+    assert sorted(logged_values(output, "lm loss")) == [5, 6], output[-4000:]
+    assert f"{load / DAMAGED}: 7 files" in output and "crc32 verified" in output, output[-4000:]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_damaged_checkpoint_stops_pretrain_gpt_naming_the_file_and_the_last_complete_one(
+    saved: pathlib.Path, runs_dir: pathlib.Path, case: str
+) -> None:
+    damage, name, says = CASES[case]
+    load = runs_dir / case
+    shutil.copytree(saved, load)
+    damage(load / DAMAGED)
+    returncode, output = _resume(runs_dir, case, load)
+    assert returncode != 0 and not logged_values(output, "lm loss"), output[-4000:]
+    assert "CheckpointReadError" in output, output[-4000:]
+    assert f"the checkpoint at '{load / DAMAGED}' cannot be loaded" in output, output[-4000:]
+    assert f"{name} {says}" in output, output[-4000:]
+    assert f"The last complete checkpoint before it is {load / LAST_COMPLETE}" in output
+
+
+def test_every_rank_records_the_checksums_of_its_files_before_the_tracker(saved: pathlib.Path) -> None:
+    assert (saved / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    for iteration in ("iter_0000002", "iter_0000004"):
+        ckpt = saved / iteration
+        records = [json.loads((ckpt / f"muon_checksums.{r}.json").read_text()) for r in (0, 1)]
+        files = [sorted(record["files"]) for record in records]
+        shards = sorted(p.name for p in ckpt.glob("*.distcp"))
+        assert sorted(files[0] + files[1]) == sorted(shards + [".metadata", "common.pt", "metadata.json"])
+        assert all(name.startswith("__1_") for name in files[1]), files
+        for record in records:
+            for name, entry in record["files"].items():
+                assert entry["bytes"] == (ckpt / name).stat().st_size, name
