@@ -5,7 +5,8 @@ bytes the ones that were saved?
 checks of `files.py` on rank 0, then the CRC-32 check of `checksums.py` with the work shared
 among the ranks. It raises `CheckpointReadError` on every rank, naming the directory, each
 missing or damaged file and the last complete checkpoint beside it. `record_checksums`
-(collective) is called right after a save.
+(collective) is called right after a save. `CheckpointMismatchError` is the other refusal
+(the checkpoint is intact but does not fit the run), raised by the entries' own checks.
 """
 
 from __future__ import annotations
@@ -13,14 +14,20 @@ from __future__ import annotations
 import torch
 
 from muon_megatron.integrity.checksums import record_checksums, verify_checksums
+from muon_megatron.integrity.errors import CheckpointMismatchError, CheckpointReadError
 from muon_megatron.integrity.files import (
-    CheckpointReadError,
     completeness_problems,
     last_complete_checkpoint,
     read_error,
 )
 
-__all__ = ["CheckpointReadError", "verify_checkpoint", "record_checksums", "read_error"]
+__all__ = [
+    "CheckpointMismatchError",
+    "CheckpointReadError",
+    "verify_checkpoint",
+    "record_checksums",
+    "read_error",
+]
 
 
 def verify_checkpoint(ckpt_dir: str) -> str:

@@ -21,6 +21,8 @@ import pickle
 import re
 import zipfile
 
+from muon_megatron.integrity.errors import CheckpointReadError
+
 __all__ = [
     "CheckpointReadError",
     "METADATA",
@@ -37,10 +39,6 @@ COMMON = "common.pt"
 CONFIG = "metadata.json"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 TRACKER = "latest_checkpointed_iteration.txt"
-
-
-class CheckpointReadError(RuntimeError):
-    """The checkpoint's files are missing, truncated, damaged or differ from what was saved."""
 
 
 def shard_sizes(ckpt_dir: str) -> dict[str, int]:

@@ -15,6 +15,15 @@
     `CheckpointReadError` naming the file and the last complete checkpoint, where Megatron-LM
     itself would stop in an EOFError, FileNotFoundError, UnpicklingError or AttributeError
     (`--no-load-optim` and `--finetune` included: the weights are read too);
+  - compares the expert-parallel size that wrote it (the `args` in its `common.pt`) with
+    this run's: a `dp_reshardable` checkpoint (bucket space, Megatron-LM's default) cannot
+    change it and is refused with `CheckpointMismatchError` naming both layouts and the ways
+    out (Megatron-LM itself checks only TP and PP); a `fully_reshardable` one
+    (`--dist-ckpt-optim-fully-reshardable`) loads, with the chain of optimizers fitted
+    (`optimizer.chain_fit`: EP1 has one optimizer, EP > 1 a dense and an expert one, and
+    Megatron-LM's own `ChainedOptimizer.load_state_dict` stops on the difference) and the
+    RNG states not loaded, as Megatron-LM does for a TP or PP change (it stores them per
+    (PP, TP) at EP1 and per (PP, TP, DP) at EP > 1, and would stop on the missing keys);
   - compares the optimizer that wrote it with this run's (a file read, no collective):
     * AdamW checkpoint, `--optimizer muon` run: loaded through `reading_adamw_checkpoint`,
       in either sharding type. Each Muon matrix's momentum is AdamW's `exp_avg` (the same EMA
@@ -29,10 +38,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 __all__ = [
@@ -130,11 +140,77 @@ def checking_before_load(
             logger.info("muon-megatron: checkpoint %s", note)
         if optimizer is None or args.no_load_optim or getattr(args, "finetune", False):
             return original(ddp_model, optimizer, *rest, **kwargs)
-        return _load_across_optimizers(
-            original, args, ckpt_dir, ddp_model, optimizer, *rest, **kwargs
-        )
+        with _fitting_an_expert_parallel_change(args, ckpt_dir, optimizer):
+            return _load_across_optimizers(
+                original, args, ckpt_dir, ddp_model, optimizer, *rest, **kwargs
+            )
 
     return load_checkpoint
+
+
+def _layout(namespace: Any) -> str:
+    """'TP1 PP1 EP2 (DP2)' from Megatron-LM's arguments (this run's, or a checkpoint's)."""
+    sizes = [
+        getattr(namespace, f"{name}_parallel_size", None) or 1
+        for name in ("tensor_model", "pipeline_model", "expert_model", "data")
+    ]
+    return "TP{} PP{} EP{} (DP{})".format(*sizes)
+
+
+@contextlib.contextmanager
+def _fitting_an_expert_parallel_change(
+    args: argparse.Namespace, ckpt_dir: str, optimizer: Any
+) -> Iterator[None]:
+    """Refuse an EP change that the checkpoint's sharding type cannot make (dp_reshardable),
+    or, inside the block, fit what Megatron-LM passes to `optimizer.load_state_dict` to this
+    run's chain of optimizers (fully_reshardable)."""
+    from megatron.core import dist_checkpointing
+
+    from muon_megatron.integrity import CheckpointMismatchError
+    from muon_megatron.optimizer.chain_fit import match_chain
+
+    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    saved_args = common.get("args")
+    saved_ep = getattr(saved_args, "expert_model_parallel_size", None)
+    if saved_ep is None or saved_ep == args.expert_model_parallel_size:
+        yield
+        return
+    sharding = (common.get("content_metadata") or {}).get("distrib_optim_sharding_type")
+    if sharding != "fully_reshardable":
+        raise CheckpointMismatchError(
+            f"{ckpt_dir} was saved under {_layout(saved_args)} with the distributed optimizer's "
+            f"{sharding} sharding, and this run is {_layout(args)}: a {sharding} checkpoint "
+            "holds the optimizer state per gradient bucket, which only the saving "
+            f"expert-parallel size has. Resume with --expert-model-parallel-size {saved_ep}; "
+            "or re-save it under that layout with --dist-ckpt-optim-fully-reshardable "
+            "(loads under another EP); or add --no-load-optim (weights and iteration load, the "
+            "Muon momentum and AdamW state start from zero)."
+        )
+    if getattr(args, "rank", 0) == 0:
+        logger.warning(
+            "muon-megatron: %s was saved under %s, this run is %s: optimizer state resharded "
+            "(fully_reshardable); RNG states not loaded (they start from the seed), as "
+            "Megatron-LM does when TP or PP change.",
+            ckpt_dir, _layout(saved_args), _layout(args),
+        )  # fmt: skip
+    members = getattr(optimizer, "chained_optimizers", [optimizer])
+    run_members = list(range(len(members))) if len(members) > 1 else []
+    load_state_dict = optimizer.load_state_dict
+
+    def fitted(state_dict: dict) -> Any:
+        return load_state_dict(match_chain(state_dict, run_members, common["optimizer"]))
+
+    own = vars(optimizer).get("load_state_dict")
+    optimizer.load_state_dict = fitted
+    no_load_rng, args.no_load_rng = args.no_load_rng, True
+    try:
+        yield
+    finally:
+        args.no_load_rng = no_load_rng
+        if own is None:
+            del optimizer.load_state_dict  # the class's own again
+        else:
+            optimizer.load_state_dict = own
 
 
 def _load_across_optimizers(

@@ -2,9 +2,11 @@
 
 `training.checkpointing.load_checkpoint` asks this module, from the checkpoint's tensor
 metadata alone, whether every parameter finds the state it needs, redirects the requests of
-an optimizer switch (AdamW's `exp_avg` <-> Muon's momentum, fully_reshardable only), and
-fits the saved chain of optimizers to this run's. Every problem is raised on every rank
-together (`CheckpointMismatchError`), naming the parameter and the fix.
+an optimizer switch (AdamW's `exp_avg` <-> Muon's momentum, fully_reshardable only),
+refuses a dp_reshardable checkpoint saved under another TP/PP/EP layout (naming both), and
+fits the saved chain of optimizers to this run's (`optimizer.chain_fit`: EP1 <-> EP > 1).
+Every problem is raised on every rank together (`CheckpointMismatchError`), naming the
+parameter and the fix.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import (
     LocalNonpersistentObject,
     ShardedBase,
@@ -26,8 +28,9 @@ from megatron.core.dist_checkpointing.mapping import (
 from megatron.core.utils import log_single_rank
 from torch.distributed.checkpoint.api import CheckpointException
 
-from muon_megatron.integrity import CheckpointReadError, read_error
+from muon_megatron.integrity import CheckpointMismatchError, CheckpointReadError, read_error
 from muon_megatron.integrity.files import last_complete_checkpoint
+from muon_megatron.optimizer.chain_fit import chain_members, match_chain
 from muon_megatron.optimizer.checkpoint_state import MUON_MANIFEST, MUON_MOMENTUM
 
 __all__ = [
@@ -37,6 +40,9 @@ __all__ = [
     "reconcile_model_space",
     "reconcile_bucket_space",
     "match_chain",
+    "chain_members",
+    "run_layout",
+    "check_layout",
     "state_at",
 ]
 
@@ -47,10 +53,6 @@ _STATE_KEY = re.compile(
     r"(?P<state>param|exp_avg|exp_avg_sq|" + MUON_MOMENTUM + r")\.(?P<param>.+)$"
 )
 _MAX_LISTED = 6
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint does not fit this run (Muon parameter set, missing state, format)."""
 
 
 def read_checkpoint(ckpt_dir: str, reader):
@@ -209,30 +211,36 @@ def reconcile_bucket_space(opt_sd: dict, saved_keys: set[str], ckpt_dir: str) ->
     return []
 
 
-def _members(state_dict: dict) -> list:
-    """Member keys of a ChainedOptimizer state dict ({0: ..., 1: ...}); [] for one member."""
-    return sorted(k for k in state_dict if isinstance(k, int))
+def run_layout() -> dict[str, int]:
+    """This run's parallel sizes, as a checkpoint records them."""
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "ep": parallel_state.get_expert_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
 
 
-def match_chain(loaded: dict, request: dict, saved_common: dict) -> dict:
-    """Fit the checkpoint's per-member common state to this run's chain of optimizers.
+def _layout_name(layout: dict[str, int]) -> str:
+    return f"TP{layout['tp']} PP{layout['pp']} EP{layout['ep']} (DP{layout['dp']})"
 
-    The number of members can change with the layout (megatron makes a separate expert
-    optimizer only for expert-parallel params: EP2 has two members, EP1 one). The tensors
-    were requested in this run's structure; the param groups (lr, wd, AdamW's step) are
-    pooled from all saved members: megatron's load_state_dict picks each of its groups by
-    (wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr)."""
-    run, saved = _members(request), _members(saved_common)
-    if run == saved:
-        return loaded
-    saved_members = [saved_common[k] for k in saved] or [saved_common]
-    groups = [g for member in saved_members for g in member["optimizer"]["param_groups"]]
-    common = {k: v for k, v in saved_members[0].items() if not isinstance(k, int)}
-    common["optimizer"] = {**common["optimizer"], "param_groups": groups}
-    if not run:
-        own = {k: v for k, v in loaded.items() if not isinstance(k, int) and k not in common}
-        return {**own, **common}
-    return {k: {**loaded[k], **common} for k in run}
+
+def check_layout(saved: dict[str, int] | None, sharding_type: str, ckpt_dir: str) -> None:
+    """Refuse a dp_reshardable checkpoint saved under another TP/PP/EP layout, naming both
+    (every rank decides alike from the same common state). `saved` is None for checkpoints
+    that predate the record; their layout is checked later, key by key."""
+    run = run_layout()
+    if saved is None or sharding_type != "dp_reshardable":
+        return
+    if any(saved[k] != run[k] for k in ("tp", "pp", "ep")):
+        raise CheckpointMismatchError(
+            f"checkpoint {ckpt_dir} is dp_reshardable and was saved under "
+            f"{_layout_name(saved)}; this run is {_layout_name(run)}. A dp_reshardable "
+            "checkpoint holds the optimizer state per gradient bucket, which only the saving "
+            f"TP/PP/EP layout has (any DP size works): resume under TP{saved['tp']} "
+            f"PP{saved['pp']} EP{saved['ep']}, or re-save it under that layout with "
+            "sharding_type='fully_reshardable', which loads under any TP/PP/EP/DP."
+        )
 
 
 def _manifest_mismatch(theirs: list[str], mine: list[str]) -> str:

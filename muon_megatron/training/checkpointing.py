@@ -45,10 +45,13 @@ from muon_megatron.optimizer.checkpoint_state import SHARDING_TYPES
 from muon_megatron.training.checkpoint_match import (
     CheckpointMismatchError,
     CheckpointReadError,
+    chain_members,
+    check_layout,
     match_chain,
     read_checkpoint,
     reconcile_bucket_space,
     reconcile_model_space,
+    run_layout,
     state_at,
 )
 from muon_megatron.training.model import unwrap
@@ -106,6 +109,7 @@ def save_checkpoint(
         **metadata,
         _FORMAT_KEY: FORMAT_VERSION,
         "world_size": torch.distributed.get_world_size(),
+        "layout": run_layout(),
     }
     dist_checkpointing.save(state, ckpt_dir, content_metadata=content)
     record_checksums(ckpt_dir)
@@ -137,6 +141,7 @@ def load_checkpoint(
             f"muon_megatron's {FORMAT_VERSION}; upgrade muon_megatron."
         )
     sharding_type = content["distrib_optim_sharding_type"]
+    check_layout(content.get("layout"), sharding_type, ckpt_dir)
     metadata = _metadata(sharding_type)
     model_sd = model_sharded_state_dict(model_chunks)
     opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)
@@ -156,7 +161,8 @@ def load_checkpoint(
             entry = state_at(loaded["optimizer"], path)
             entry["exp_avg_sq"] = entry["exp_avg"].square()
         load_weights(model_chunks, loaded)
-        optimizer.load_state_dict(match_chain(loaded["optimizer"], opt_sd, common["optimizer"]))
+        members = chain_members(opt_sd)
+        optimizer.load_state_dict(match_chain(loaded["optimizer"], members, common["optimizer"]))
     if scheduler is not None:
         if "opt_param_scheduler" not in loaded:
             raise CheckpointMismatchError(

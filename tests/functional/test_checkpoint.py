@@ -368,6 +368,50 @@ def test_moe_ep2_to_ep1_resume(ep2) -> None:
     assert max(errors.values()) <= RESHARD_TOLERANCE, max(errors.items(), key=lambda kv: kv[1])
 
 
+@pytest.fixture(scope="module")
+def ep1(root) -> dict[str, Any]:
+    """The MoE at EP1 x DP2 (one optimizer: the experts are in the dense one), saving both
+    formats at step 3, and its final weights."""
+    full, bucket = os.path.join(root, "ep1_full"), os.path.join(root, "ep1_dp")
+    final = os.path.join(root, "ep1_final")
+    job = Job(moe=True, saves=[(full, "fully_reshardable"), (bucket, "dp_reshardable")], save_final_weights=final)
+    return {"saving": spawn(_run, 2, job), "fully_reshardable": full, "dp_reshardable": bucket, "final": final}
+
+
+def test_moe_ep1_to_ep2_resume(ep1) -> None:
+    """One optimizer -> two (dense + expert): the expert optimizer's param groups (lr, wd,
+    step) come from the dense groups its weights were in; the 3 steps after the resume match
+    the uninterrupted EP1 run within the reduction-order tolerance. It stopped in megatron's
+    `KeyError: (1.0, 1.0, True, False)` before."""
+    job = Job(layout={"ep": 2}, moe=True, load=ep1["fully_reshardable"], compare_weights=ep1["final"])
+    out = spawn(_run, 2, job)
+    errors = out[0]["relative_update_error"]
+    assert max(errors.values()) <= RESHARD_TOLERANCE, max(errors.items(), key=lambda kv: kv[1])
+    assert all(all(s["success"] for s in r["steps"].values()) for r in out)
+
+
+def _try_load_job(rank: int, world: int, job: Job) -> str:
+    from muon_megatron.training import checkpointing
+
+    _, _, model, optimizer, scheduler = _setup(job)
+    try:
+        checkpointing.load_checkpoint(job.load, model, optimizer, scheduler)
+    except (checkpointing.CheckpointMismatchError, checkpointing.CheckpointReadError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "loaded"
+
+
+def test_a_dp_reshardable_checkpoint_under_another_ep_is_refused_naming_both_layouts(ep1, ep2) -> None:
+    to_ep2 = spawn(_try_load_job, 2, Job(layout={"ep": 2}, moe=True, load=ep1["dp_reshardable"]))
+    to_ep1 = spawn(_try_load_job, 2, Job(moe=True, load=ep2["dp_reshardable"]))
+    for messages, saved, run in ((to_ep2, "EP1", "EP2"), (to_ep1, "EP2", "EP1")):
+        assert messages[0] == messages[1], messages
+        message = messages[0]
+        assert message.startswith("CheckpointMismatchError"), message
+        assert f"saved under TP1 PP1 {saved} (DP" in message and f"this run is TP1 PP1 {run} (DP" in message
+        assert f"resume under TP1 PP1 {saved}" in message and "'fully_reshardable'" in message
+
+
 def test_dp4_to_dp2_resume(root) -> None:
     ckpt, final = os.path.join(root, "dp4_full"), os.path.join(root, "dp4_final")
     spawn(_run, 4, Job(saves=[(ckpt, "fully_reshardable")], save_final_weights=final))

@@ -145,3 +145,76 @@ def test_every_rank_records_the_checksums_of_its_files_before_the_tracker(saved:
         for record in records:
             for name, entry in record["files"].items():
                 assert entry["bytes"] == (ckpt / name).stat().st_size, name
+
+
+# --------------------------------------------------------------------------------------------
+# Expert-parallel size changed on resume
+# --------------------------------------------------------------------------------------------
+# The MoE of test_megatron_lm_pretrain.py (4 experts, top-2, allgather dispatcher, no biases),
+# on 2 ranks, at EP1 (DP2, the experts in the dense optimizer) or EP2 (expert DP1, a separate
+# expert optimizer).
+MOE_FLAGS = ("--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type",
+             "allgather", "--disable-bias-linear")  # fmt: skip
+FULLY_RESHARDABLE = ("--dist-ckpt-optim-fully-reshardable",)
+SAVE_AT, TRAIN_ITERS = 5, 10
+# As in test_megatron_lm_pretrain.py: another layout sums the fp32 gradients in another order
+# (here the expert gradients: reduced over 2 DP ranks at EP1, computed whole on their EP rank
+# at EP2), ~1e-7 on the first step, grown by Muon to at most 2e-5 by iteration 10; losing the
+# optimizer state is a 2-3% error.
+LAYOUT_RTOL = 2e-4
+
+
+def _moe_run(runs_dir: pathlib.Path, name: str, ep: int, *, train_iters: int = TRAIN_ITERS,
+             save: bool = False, load: pathlib.Path | None = None,
+             extra: tuple[str, ...] = ()) -> tuple[int, str]:  # fmt: skip
+    flags = MOE_FLAGS + ("--expert-model-parallel-size", str(ep)) + extra
+    args = tiny_gpt_args(
+        train_iters=train_iters,
+        save=str(runs_dir / name) if save else None,
+        save_interval=SAVE_AT if save else None,
+        load=None if load is None else str(load),
+        extra=flags + (() if load is None else ("--ckpt-step", str(SAVE_AT))),
+    )
+    returncode, output = run_pretrain_gpt(2, args, timeout_s=RUN_TIMEOUT_S)
+    (runs_dir / f"{name}.log").write_text(output)
+    return returncode, output
+
+
+@pytest.fixture(scope="module")
+def moe_ep1_fully_reshardable(runs_dir: pathlib.Path) -> dict[int, str]:
+    """EP1, 10 iterations, a fully_reshardable checkpoint at 5; its printed losses."""
+    returncode, output = _moe_run(runs_dir, "moe_ep1_full", 1, save=True, extra=FULLY_RESHARDABLE)
+    assert returncode == 0, output[-8000:]
+    return logged_values(output, "lm loss")
+
+
+def test_an_ep1_checkpoint_resumes_at_ep2_within_layout_rtol_of_the_uninterrupted_run(
+    runs_dir: pathlib.Path, moe_ep1_fully_reshardable: dict[int, str]
+) -> None:
+    """fully_reshardable EP1 -> EP2: one optimizer becomes two (dense, expert). Megatron-LM
+    alone stops in ChainedOptimizer.load_state_dict ('Expected 2 entries in state dict');
+    with the hook the expert optimizer takes its param groups from the dense ones its
+    weights were in, and iterations 6-10 match the uninterrupted EP1 run."""
+    full = moe_ep1_fully_reshardable
+    returncode, output = _moe_run(runs_dir, "moe_ep2_from_ep1", 2, load=runs_dir / "moe_ep1_full")
+    assert returncode == 0, output[-8000:]
+    resumed = logged_values(output, "lm loss")
+    assert sorted(resumed) == list(range(SAVE_AT + 1, TRAIN_ITERS + 1)), resumed
+    for it, value in resumed.items():
+        want = float(full[it])
+        if it == SAVE_AT + 2:  # the resumed run's second line is the mean of 6 and 7
+            want = (float(full[it - 1]) + want) / 2
+        assert float(value) == pytest.approx(want, rel=LAYOUT_RTOL, abs=0), (it, resumed, full)
+
+
+def test_a_dp_reshardable_checkpoint_at_another_ep_is_refused_naming_both_layouts(
+    runs_dir: pathlib.Path,
+) -> None:
+    returncode, output = _moe_run(runs_dir, "moe_ep1_dp", 1, train_iters=SAVE_AT, save=True)
+    assert returncode == 0, output[-8000:]
+    returncode, output = _moe_run(runs_dir, "moe_ep2_from_ep1_dp", 2, load=runs_dir / "moe_ep1_dp")
+    assert returncode != 0 and not logged_values(output, "lm loss"), output[-4000:]
+    assert "CheckpointMismatchError" in output, output[-4000:]
+    assert "saved under TP1 PP1 EP1 (DP2) with the distributed optimizer's dp_reshardable" in output
+    assert "this run is TP1 PP1 EP2 (DP2)" in output, output[-4000:]
+    assert "--expert-model-parallel-size 1" in output and "--dist-ckpt-optim-fully-reshardable" in output
