@@ -21,6 +21,7 @@ from muon_megatron.config import MuonConfig
 from muon_megatron.optimizer.core_versions import warn_if_untested_megatron_core
 from muon_megatron.optimizer.distributed import MuonDistributedOptimizer
 from muon_megatron.optimizer.nonfinite import check_once_per_step
+from muon_megatron.optimizer.routing_table import routing_rows, routing_table_lines
 from muon_megatron.routing.rules import muon_param_rule
 from muon_megatron.routing.weight_decay import weight_decay_overrides
 
@@ -88,6 +89,7 @@ def get_muon_optimizer(
     *,
     is_muon: Callable[[str, torch.Tensor], bool] | None = None,
     tp_groups_of: Callable[[int, bool], list[int]] | None = None,
+    report_routing: bool = True,
     **megatron_kw,
 ):
     """Megatron optimizer with Muon for 2-D hidden weights (same arguments as
@@ -104,7 +106,9 @@ def get_muon_optimizer(
     both Muon and AdamW (Moonlight's recipe: keep AdamW's values).
 
     Logs one warning per process when the imported megatron-core is outside the tested
-    releases (`core_versions.TESTED_MEGATRON_CORE`)."""
+    releases (`core_versions.TESTED_MEGATRON_CORE`). With `report_routing` (off only for the
+    planner's fake ranks), global rank 0 prints the routing table (`routing_table`: one line
+    per kind of parameter, and with `muon_print_routing` one per parameter)."""
     from megatron.core.optimizer import get_megatron_optimizer
 
     warn_if_untested_megatron_core()
@@ -126,8 +130,9 @@ def get_muon_optimizer(
             "num_distributed_optimizer_instances > 1 is not supported with Muon; use 1."
         )
     muon_config = muon_config or MuonConfig()
+    custom_rule = is_muon
     if is_muon is None:
-        is_muon = muon_param_rule(muon_config)  # --muon-router-optimizer
+        is_muon = muon_param_rule(muon_config)  # --muon-router-optimizer, --muon-include/exclude
     if muon_config.muon_norm_weight_decay:
         if config_overrides is not None:
             raise ValueError(
@@ -156,6 +161,11 @@ def get_muon_optimizer(
         )
     check_once_per_step(optimizer)
     pipeline_chain(optimizer)
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if report_routing and rank0:
+        rows = routing_rows(optimizer, model_chunks, muon_config, custom_rule)
+        for line in routing_table_lines(rows, per_param=muon_config.muon_print_routing):
+            print(line, flush=True)
     return optimizer
 
 
