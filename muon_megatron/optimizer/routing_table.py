@@ -8,7 +8,7 @@ logical matrices (whole; Q,K,V; gate,up; per expert; MLA's parts) as the optimiz
 split it, and its TP layout as the module that owns it was built (`routing.tp_layout`).
 `routing_table_lines` groups them into one line per kind of parameter with counts, and
 `--muon-print-routing` adds one line per parameter. `get_muon_optimizer` prints them at rank
-0 when it has built the optimizer. Rank 0's view: its pipeline stage and its experts.
+0 when it has built the optimizer: rank 0's view, its pipeline stage and its experts.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def routing_table_lines(rows: Sequence[ParamRoute], per_param: bool = False) -> 
     muon = [r for r in rows if r.optimizer == "Muon"]
     lines = [
         f"{PREFIX} {len(muon)} Muon params ({sum(r.matrices for r in muon)} logical matrices), "
-        f"{len(rows) - len(muon)} AdamW params (rank 0: its pipeline stage, its experts)"
+        f"{len(rows) - len(muon)} AdamW params (this rank's pipeline stage and experts)"
     ]
     order = sorted(kinds, key=lambda k: (k[0] != "Muon", not k[3].startswith("unrecognised"),
                                          rows.index(kinds[k][0])))
@@ -147,7 +147,8 @@ def routing_table_lines(rows: Sequence[ParamRoute], per_param: bool = False) -> 
     for key in order:
         group = kinds[key]
         count = f"{len(group):>4} x"
-        matrices = f"{sum(r.matrices for r in group):>4} matrices" if key[0] == "Muon" else ""
+        total = sum(r.matrices for r in group)
+        matrices = f"{total:>4} {'matrix' if total == 1 else 'matrices'}" if key[0] == "Muon" else ""
         tp = f"{key[2]}  " if key[2] else ""
         lines.append(
             f"{PREFIX}   {key[0]:<5} {count} {key[1]:<{width}}  {matrices:>13}  {tp}<- {key[3]}"

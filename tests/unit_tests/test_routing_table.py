@@ -114,7 +114,7 @@ ROWS = [
 
 def test_table_has_one_line_per_kind_with_counts() -> None:
     lines = routing_table_lines(ROWS)
-    assert lines[0].endswith("3 Muon params (7 logical matrices), 2 AdamW params (rank 0: its pipeline stage, its experts)")
+    assert lines[0].endswith("3 Muon params (7 logical matrices), 2 AdamW params (this rank's pipeline stage and experts)")
     body = [line.split("]", 1)[1] for line in lines[1:]]
     assert len(body) == 4  # qkv x2 grouped; odd; embedding; norm
     # Muon first, the unrecognised weights at the top of Muon's lines.
