@@ -148,7 +148,8 @@ def routing_table_lines(rows: Sequence[ParamRoute], per_param: bool = False) -> 
         group = kinds[key]
         count = f"{len(group):>4} x"
         total = sum(r.matrices for r in group)
-        matrices = f"{total:>4} {'matrix' if total == 1 else 'matrices'}" if key[0] == "Muon" else ""
+        matrices = f"{total:>4} {'matrix' if total == 1 else 'matrices'}"
+        matrices = matrices if key[0] == "Muon" else ""
         tp = f"{key[2]}  " if key[2] else ""
         lines.append(
             f"{PREFIX}   {key[0]:<5} {count} {key[1]:<{width}}  {matrices:>13}  {tp}<- {key[3]}"
