@@ -183,3 +183,14 @@ def test_tp_layout_from_the_owning_te_module(te_stand_in, model: str) -> None:
         if claimed != (split, dim):
             disagree.add(_suffix(name))
     assert disagree == DISAGREE[model]
+
+
+def test_verify_cli_runs_the_te_spec(te_stand_in) -> None:
+    """`muon-megatron verify --transformer-impl transformer_engine` (what README asks a user
+    to run once with TE on a GPU node) builds megatron-core's TE spec and passes: MLA TP2 with
+    sequence parallelism, 2 steps, under the stand-in."""
+    from muon_megatron.tools import cli
+
+    argv = ["verify", "--transformer-impl", "transformer_engine", "--tp", "2",
+            "--sequence-parallel", "--mla", "--steps", "2"]
+    assert te_stand_in.in_te_process(cli.main, argv) == 0

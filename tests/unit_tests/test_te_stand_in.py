@@ -150,3 +150,15 @@ def test_stand_in_is_not_importable_here() -> None:
     spec = importlib.util.find_spec("transformer_engine")
     stand_in = Path(__file__).resolve().parents[1] / "te_stand_in"
     assert spec is None or stand_in not in Path(spec.origin).resolve().parents
+
+
+def test_verify_refuses_te_where_te_is_not_installed() -> None:
+    """`muon-megatron verify --transformer-impl transformer_engine` on a machine without TE
+    stops at the flags, naming the way out (here: the stand-in stays off the path)."""
+    from muon_megatron.tools import cli
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed here")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["verify", "--transformer-impl", "transformer_engine"])
+    assert exit_.value.code == 2

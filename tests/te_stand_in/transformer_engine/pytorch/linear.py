@@ -106,8 +106,8 @@ class _GemmLayer(StandInModule):
             inp = column_input(inp, self.tp_group, self.sequence_parallel)
         bias = self.bias if self.use_bias else None
         # A row-parallel bias is added after the TP reduction (TE's gemm_bias_unfused_add).
-        out = F.linear(inp, self.weight, bias if self.parallel_mode != "row" and
-                       self.apply_bias else None)
+        fused = self.apply_bias and self.parallel_mode != "row"
+        out = F.linear(inp, self.weight, bias if fused else None)
         if self.parallel_mode == "row":
             out = row_output(out, self.tp_group, self.sequence_parallel)
             if self.apply_bias:
