@@ -77,7 +77,8 @@ def test_routing_table_of_a_moe() -> None:
     assert lines[0].startswith("[muon routing] 19 Muon params (31 logical matrices)")
     assert len(lines) == 1 + len(kinds)
     experts = next(line for line in lines if "experts.linear_fc1" in line)
-    assert "8 x" in experts and "16 matrices" in experts and "TP dim 0 / 1 (ColumnParallelLinear)" in experts
+    assert "8 x" in experts and "16 matrices" in experts
+    assert "TP dim 0 / 1 (ColumnParallelLinear)" in experts
 
 
 def test_patterns_route_the_reference_and_the_optimizer_alike() -> None:

@@ -128,7 +128,10 @@ EXPECTED = {
 # and, under expert-TP > 1, the row-parallel grouped fc2 (marked dim 0).
 DISAGREE = {
     "dense": set(),
-    "mla": {"self_attention.linear_q_down_proj.weight", "self_attention.linear_kv_down_proj.weight"},
+    "mla": {
+        "self_attention.linear_q_down_proj.weight",
+        "self_attention.linear_kv_down_proj.weight",
+    },
     "moe-etp2": {"mlp.experts.linear_fc2.weight"},
 }
 
@@ -149,7 +152,8 @@ def _layouts_worker(rank: int, world: int, spec: tiny.ModelSpec, layout: tiny.La
     for name, param in tiny.unwrap(model[0]).named_parameters():
         if is_muon_param(name, param) or is_router_weight(name):
             got = layouts.layout(param)
-            out[name] = ((got.partitioned, got.partition_dim, got.layer), attribute_tp_layout(param))
+            module = (got.partitioned, got.partition_dim, got.layer)
+            out[name] = (module, attribute_tp_layout(param))
     return out
 
 

@@ -99,14 +99,18 @@ def test_flags_repeat_into_the_config() -> None:
     assert parser.parse_args([]).muon_exclude == ()
 
 
-def _row(name: str, optimizer: str, kind: str, why: str, matrices: int = 0, tp: str = "") -> ParamRoute:
+def _row(
+    name: str, optimizer: str, kind: str, why: str, matrices: int = 0, tp: str = ""
+) -> ParamRoute:
     return ParamRoute(name, (4, 4), optimizer, why, kind, matrices, tp)
 
 
 ROWS = [
-    _row("e.weight", "AdamW", "embedding.word_embeddings.weight", "embedding", tp="TP dim 0 / 2 (V)"),
+    _row("e.weight", "AdamW", "embedding.word_embeddings.weight", "embedding",
+         tp="TP dim 0 / 2 (V)"),
     _row("l0.qkv", "Muon", "linear_qkv.weight: Q,K,V", "hidden weight", 3, "TP dim 0 / 2 (C)"),
-    _row("l0.odd", "Muon", "odd.weight: whole", "unrecognised 2-D weight: Muon by the default rule", 1, "TP whole (torch.nn.Linear)"),
+    _row("l0.odd", "Muon", "odd.weight: whole",
+         "unrecognised 2-D weight: Muon by the default rule", 1, "TP whole (torch.nn.Linear)"),
     _row("l1.qkv", "Muon", "linear_qkv.weight: Q,K,V", "hidden weight", 3, "TP dim 0 / 2 (C)"),
     _row("l1.norm", "AdamW", "input_layernorm.weight", "norm"),
 ]
@@ -114,7 +118,10 @@ ROWS = [
 
 def test_table_has_one_line_per_kind_with_counts() -> None:
     lines = routing_table_lines(ROWS)
-    assert lines[0].endswith("3 Muon params (7 logical matrices), 2 AdamW params (this rank's pipeline stage and experts)")
+    assert lines[0].endswith(
+        "3 Muon params (7 logical matrices), 2 AdamW params (this rank's pipeline stage and "
+        "experts)"
+    )
     body = [line.split("]", 1)[1] for line in lines[1:]]
     assert len(body) == 4  # qkv x2 grouped; odd; embedding; norm
     # Muon first, the unrecognised weights at the top of Muon's lines.

@@ -66,7 +66,9 @@ LOCAL = [
 ]
 
 
-@pytest.mark.parametrize("cls, name, expected", LOCAL, ids=[f"{c.__name__}.{n}" for c, n, _ in LOCAL])
+@pytest.mark.parametrize(
+    "cls, name, expected", LOCAL, ids=[f"{c.__name__}.{n}" for c, n, _ in LOCAL]
+)
 def test_local_layers(cls, name: str, expected) -> None:
     layout = module_tp_layout(_bare(cls, **{name: (4, 4)}), name)
     assert layout is not None
@@ -112,7 +114,8 @@ def test_unknown_modules_are_refused_under_tp_naming_them_all() -> None:
     layouts = TPLayouts([_model(a, b)], tp_size=2)
     for name, module in (("m0.weight", a), ("m1.weight", b)):
         assert not layouts.of(name, module.weight).partitioned
-    with pytest.raises(ValueError, match=r"m0\.weight \(Unknown\), m1\.weight \(Unknown\).*--muon-exclude"):
+    named = r"m0\.weight \(Unknown\), m1\.weight \(Unknown\).*--muon-exclude"
+    with pytest.raises(ValueError, match=named):
         layouts.raise_undetermined()
 
 
