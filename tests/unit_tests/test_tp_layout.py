@@ -17,7 +17,7 @@ from megatron.core.tensor_parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from megatron.core.transformer.moe.experts import GroupedMLP
+from megatron.core.transformer.moe import experts
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 
@@ -51,14 +51,16 @@ class Unknown(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(4, 4))
 
 
+# The legacy GroupedMLP is gone from megatron-core 0.19 (its rows are then not generated).
+GroupedMLP = getattr(experts, "GroupedMLP", None)
 # (class, parameter, expected (partitioned, dim)): megatron-core 0.16.1's local layers.
 LOCAL = [
     (ColumnParallelLinear, "weight", (True, 0)),
     (RowParallelLinear, "weight", (True, 1)),
     (VocabParallelEmbedding, "weight", (True, 0)),
     # experts.py GroupedMLP: weight1 [hidden, E x ffn / TP], weight2 [E x ffn / TP, hidden].
-    (GroupedMLP, "weight1", (True, 1)),
-    (GroupedMLP, "weight2", (True, 0)),
+    *([(GroupedMLP, "weight1", (True, 1)), (GroupedMLP, "weight2", (True, 0))]
+      if GroupedMLP is not None else []),
     (TopKRouter, "weight", (False, None)),
     (SharedExpertMLP, "gate_weight", (False, None)),
     (torch.nn.Linear, "weight", (False, None)),
