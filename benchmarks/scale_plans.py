@@ -33,14 +33,16 @@ from muon_megatron.planner.presets import SCALE_CONFIGS  # noqa: E402
 def plan(repo: Path, argv: list[str], out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
+    # cwd: `python -m` puts the working directory first on the path, before PYTHONPATH.
     done = subprocess.run(
-        [sys.executable, "-m", "muon_megatron.planner", *argv, f"--json={out}"],
-        env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "muon_megatron.planner", *argv, f"--json={out.resolve()}"],
+        env=env, capture_output=True, text=True, cwd=repo,
     )
     if done.returncode != 0:
         raise RuntimeError(f"plan {' '.join(argv)} failed:\n{done.stdout}\n{done.stderr}")
     data = json.loads(out.read_text())
     data["wall_seconds"] = time.perf_counter() - start
+    data["code"] = repo
     return data
 
 
