@@ -7,20 +7,16 @@ core_v0.16), `get_megatron_muon_optimizer` for any `--optimizer` containing "muo
 `install()` rebinds both names there to a dispatcher: `--optimizer muon` goes to
 `muon_megatron.get_muon_optimizer` (with the `--muon-*` flags as `MuonConfig`), everything
 else (adam, sgd) to the original function, unchanged. It also rebinds, in the same module,
-`training_log` (Muon's metrics at `--log-interval`, `metrics.py`), `load_checkpoint`
-(damaged checkpoints refused, optimizer switches, `checkpoints.py`), and `clip_qk` and
-`train_step` (`--qk-clip` with the ZeRO-1 main shards and the local attention,
-`qk_clip.py`); and `megatron.core.dist_checkpointing.save`, so that every save records its
-files' CRC-32 (`checkpoints.py`).
+`training_log` (metrics, `metrics.py`), `load_checkpoint` (damaged checkpoints refused,
+optimizer and EP switches, `checkpoints.py`), `clip_qk` and `train_step` (`--qk-clip`,
+`qk_clip.py`); and `dist_checkpointing.save` (each save records its files' CRC-32).
 
-`validate_args` rejects `--optimizer muon` together with `--use-distributed-optimizer`
-("Muon optimizer does not support distributed optimizer for now"; core_v0.19 instead turns
-the run into its layer-wise optimizer) -- statements about megatron-core's own Muon.
-`install()` wraps `validate_args` where `initialize_megatron` looks it up so that, for
-`--optimizer muon`, muon-megatron's own checks run first (every `--muon-*` flag Megatron-LM
-defines is honoured with its meaning or refused, the checkpoint format, the optimizer
-settings), then Megatron validates the run exactly as the ZeRO-1 AdamW run it is underneath,
-while its argument dump still prints `optimizer ... muon`. `patches/` has a source patch for
+`validate_args` rejects `--optimizer muon` with `--use-distributed-optimizer` (core_v0.19
+turns the run into its layer-wise optimizer instead): statements about megatron-core's own
+Muon. `install()` wraps `validate_args` where `initialize_megatron` looks it up so that, for
+`--optimizer muon`, muon-megatron's checks run first (every `--muon-*` flag Megatron-LM
+defines honoured or refused, the checkpoint format, the optimizer settings), then Megatron
+validates the ZeRO-1 AdamW run it is underneath; its argument dump still prints `muon`. `patches/` has a source patch for
 those who would rather patch Megatron-LM than wrap it; the patched path calls
 `require_installed()`, so forgetting `install()` fails at validation with the fix named.
 
@@ -73,22 +69,20 @@ _BUILDER_NAMES = ("get_megatron_optimizer", "get_megatron_muon_optimizer")
 # can be dropped: the layer-wise optimizer of Megatron's own dist_muon (refused above when
 # set). Everything else goes on to megatron-core's get_megatron_optimizer.
 _DROPPED_KWARGS = ("layer_wise_distributed_optimizer",)
-# The only checkpoint format whose optimizer path (sharded_state_dict) carries Muon momentum.
-# 'torch' goes through save_parameter_state (one gathered legacy file per DP group),
-# 'fsdp_dtensor' and the others belong to FSDP.
+# The only checkpoint format whose optimizer path (sharded_state_dict) carries Muon momentum:
+# 'torch' goes through save_parameter_state (a legacy file per DP group), the others are FSDP's.
 _SUPPORTED_CKPT_FORMAT = "torch_dist"
 
 
 def _import_megatron_lm() -> dict[str, types.ModuleType]:
     try:
+        from megatron.core import dist_checkpointing
         from megatron.training import arguments, global_vars, initialize, training
     except ImportError as exc:
         raise ImportError(
             "muon_megatron.megatron_lm needs Megatron-LM's `megatron.training` package "
             "(a Megatron-LM checkout on PYTHONPATH); megatron-core alone does not ship it."
         ) from exc
-    from megatron.core import dist_checkpointing
-
     return {
         "dist_checkpointing": dist_checkpointing,
         "training": training,
