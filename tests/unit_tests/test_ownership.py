@@ -50,12 +50,35 @@ def test_assignment_balanced_on_moe_shapes(ranks: int) -> None:
     assert max(load) / mean <= MAX_OVER_MEAN, load
 
 
-def test_every_job_owned_exactly_once_and_total_preserved() -> None:
-    costs = [float(random.Random(0).randint(1, 100)) for _ in range(37)]
-    owners = assign_owners(costs, 5)
-    assert len(owners) == len(costs)
-    assert all(0 <= o < 5 for o in owners)
-    assert sum(load_per_rank(costs, owners, 5)) == sum(costs)
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_plain_lpt_stays_within_grahams_bound_of_the_optimal_assignment(ranks: int) -> None:
+    """Every owner is a rank in range, and the busiest rank's load is at most
+    (4/3 - 1/(3m)) of the best assignment's, found here by trying all m^8 of them."""
+    import itertools
+
+    rng = random.Random(ranks)
+    for _ in range(5):
+        costs = [float(rng.randint(1, 100)) for _ in range(8)]
+        owners = assign_owners(costs, ranks)
+        assert all(0 <= o < ranks for o in owners), owners
+        best = min(
+            max(load_per_rank(costs, choice, ranks))
+            for choice in itertools.product(range(ranks), repeat=len(costs))
+        )
+        bound = (4 / 3 - 1 / (3 * ranks)) * best
+        assert max(load_per_rank(costs, owners, ranks)) <= bound, (costs, owners, best)
+
+
+def test_a_locality_owner_never_pushes_its_load_past_the_slack() -> None:
+    """With `held`, a job goes to a rank holding it only while that rank stays within
+    LOCALITY_SLACK of the mean: here every job is held by rank 0 alone, so rank 0 takes
+    jobs up to the cap and plain LPT places the rest."""
+    costs = [float(c) for c in range(1, 21)]
+    held = [{0: 10}] * len(costs)
+    owners = assign_owners(costs, 4, held)
+    load = load_per_rank(costs, owners, 4)
+    assert load[0] <= (1 + LOCALITY_SLACK) * sum(costs) / 4, load
+    assert owners.count(0) < len(costs) and max(load) / (sum(costs) / 4) <= MAX_OVER_MEAN, load
 
 
 def test_owners_follow_a_permutation_of_the_jobs() -> None:
