@@ -124,7 +124,7 @@ class InFlight:
 
     def wait(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.works:
-            with watched(name, self.group):
+            with watched(name, self.group, self.works):
                 for work in self.works:
                     work.wait()
             self.works = []

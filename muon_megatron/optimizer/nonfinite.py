@@ -139,9 +139,10 @@ def _locate(members: list) -> tuple[int, int]:
     expert = [b for chunk in chunks for b in getattr(chunk, "expert_parallel_buffers", [])]
     flags = torch.stack([_nonfinite(dense, device), _nonfinite(expert, device)]).float()
     group = first.get_grad_stats_parallel_group()
-    with watched("non-finite gradient check all_reduce", group):
-        torch.distributed.all_reduce(flags, group=group)
-    dense_ranks, expert_ranks = (int(v) for v in flags.tolist())
+    work = torch.distributed.all_reduce(flags, group=group, async_op=True)
+    with watched("non-finite gradient check all_reduce", group, [work]):
+        work.wait()
+        dense_ranks, expert_ranks = (int(v) for v in flags.tolist())
     return dense_ranks, expert_ranks
 
 

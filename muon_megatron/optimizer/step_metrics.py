@@ -16,6 +16,7 @@ rank that logs never makes others wait.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -102,11 +103,12 @@ class StepMetrics:
         if self._sq is None:
             return {}
         if self._read is None:
-            if self._work is not None:
-                with watched("Muon metrics all_reduce (wait)", self.group):
-                    self._work.wait()
-                self._work = None
-            sq = self._sq.cpu().tolist()
+            work, self._work = self._work, None
+            name = "Muon metrics all_reduce (wait)"
+            with contextlib.nullcontext() if work is None else watched(name, self.group, [work]):
+                if work is not None:
+                    work.wait()
+                sq = self._sq.cpu().tolist()  # under NCCL, waits here for the all-reduce
             per_group_sq: dict[int, float] = {}
             per_group_n: dict[int, int] = {}
             for s, n, g in zip(sq, self.numels, self.groups):

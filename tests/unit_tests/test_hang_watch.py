@@ -59,3 +59,33 @@ def test_zero_turns_the_watch_off_and_bad_values_name_the_variable(monkeypatch) 
     monkeypatch.setenv(hang_watch.TIMEOUT_ENV, "soon")
     with pytest.raises(ValueError, match="MUON_MEGATRON_HANG_TIMEOUT_S='soon'"):
         hang_watch.hang_timeout_s()
+
+
+def test_a_work_still_running_on_the_device_after_its_wait_returned_is_reported() -> None:
+    """Under NCCL `work.wait()` returns at once (it orders streams); the call stays watched
+    until `Work.is_completed()`: here a Work that never completes, as when a peer never
+    enters the collective, is reported after the block ended; one that completes is not."""
+    out = _run(
+        """
+        import time
+        from muon_megatron.optimizer.hang_watch import watched
+
+        class Work:
+            def __init__(self, completes_after_s):
+                self.until = time.monotonic() + completes_after_s
+            def wait(self):
+                return True  # NCCL: the host does not wait
+            def is_completed(self):
+                return time.monotonic() >= self.until
+
+        for name, after in (("done on the device", 0.05), ("stuck on the device", 1e9)):
+            work = Work(after)
+            with watched(name, None, [work]):
+                work.wait()
+        time.sleep(1.5)
+        """,
+        timeout_s="0.5",
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("has waited") == 1, out.stderr
+    assert "'stuck on the device' (call #1 of it" in out.stderr
