@@ -2,10 +2,10 @@
 
 megatron-core assumes CUDA in a few dozen places, grouped here by what they stand in for:
 `cuda` (torch.cuda, CUDA RNG, device literals, type names), `parallel_layers` (MoE and the
-sequence-parallel norm) and `checkpoint` (dist_checkpointing with torch's Adam). `install_cpu_shims()` patches exactly those
-places, and only when `torch.cuda.is_available()` is false, so a GPU run never sees any of
-this. Each shim names the megatron line (0.16.1) that assumed CUDA; the full map is in
-`NOTES-megatron-cpu.md`.
+sequence-parallel norm) and `checkpoint` (dist_checkpointing with torch's Adam).
+`install_cpu_shims()` patches exactly those places, and only when `torch.cuda.is_available()`
+is false, so a GPU run never sees any of this. Each shim names the megatron line (0.16.1)
+that assumed CUDA, in its own docstring or comment: the modules here are the map.
 
 Two rules keep the shims from changing what already works:
 
