@@ -1,6 +1,6 @@
 """`MuonConfig`: the single source of truth for every Muon knob.
 
-Command-line flags (`muon_megatron.megatron_lm.arguments`), the single-device reference and the
+Command-line flags (`muon_megatron.config_flags`), the single-device reference and the
 distributed optimizer all read their defaults from here; nothing else writes a default.
 Learning rate, weight decay and the schedule are *not* Muon knobs: they come from
 Megatron's `OptimizerConfig` / scheduler, exactly as for AdamW (Moonlight's recipe reuses

@@ -49,12 +49,8 @@ from collections.abc import Callable
 from typing import Any
 
 from muon_megatron.config import MuonConfig
-from muon_megatron.megatron_lm.arguments import (
-    chain_extra_args_providers,
-    defaults_differing_from_megatron_lm,
-    muon_config_from_args,
-    muon_extra_args_provider,
-)
+from muon_megatron.config_flags import defaults_differing_from_megatron_lm, muon_config_from_args
+from muon_megatron.megatron_lm.arguments import chain_extra_args_providers, muon_extra_args_provider
 
 __all__ = ["install", "is_installed", "require_installed", "main", "MUON_OPTIMIZER_NAME"]
 

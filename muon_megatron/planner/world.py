@@ -69,7 +69,7 @@ def _on_meta_device() -> Iterator[None]:
 def build_rank(args: argparse.Namespace, world_size: int, rank: int, layout: RankLayout):
     """(model chunks, optimizer) of `rank`, as `training.model` / `training.step` build them
     for a run, on the meta device. Call inside `fake_rank(world_size, rank)`."""
-    from muon_megatron.megatron_lm.arguments import muon_config_from_args
+    from muon_megatron.config_flags import muon_config_from_args
     from muon_megatron.optimizer.builder import get_muon_optimizer
     from muon_megatron.training import model as model_builder
     from muon_megatron.training.step import optimizer_config_from_args

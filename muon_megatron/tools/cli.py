@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from muon_megatron.megatron_lm.arguments import add_muon_config_args, muon_config_from_args
+from muon_megatron.config_flags import add_muon_config_args, muon_config_from_args
 from muon_megatron.runtime.torchrun import BACKENDS, launcher_rank
 
 __all__ = ["add_muon_config_args", "main", "verify_parser"]

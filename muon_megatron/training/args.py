@@ -13,7 +13,7 @@ import math
 import re
 from typing import Any
 
-from muon_megatron.megatron_lm.arguments import add_muon_config_args, muon_config_from_args
+from muon_megatron.config_flags import add_muon_config_args, muon_config_from_args
 from muon_megatron.training.data import VOCAB_SIZE
 
 __all__ = [

@@ -24,7 +24,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from muon_megatron.config import MuonConfig
-from muon_megatron.megatron_lm.arguments import muon_config_from_args
+from muon_megatron.config_flags import muon_config_from_args
 from muon_megatron.optimizer.builder import get_muon_optimizer, muon_optimizers
 from muon_megatron.training.model import PARAMS_DTYPES, device, unwrap
 

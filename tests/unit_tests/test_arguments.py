@@ -10,12 +10,8 @@ import typing
 import pytest
 
 from muon_megatron.config import REFUSED_SCALE_MODES, MuonConfig
-from muon_megatron.megatron_lm.arguments import (
-    chain_extra_args_providers,
-    flags_markdown_table,
-    muon_extra_args_provider,
-    muon_flag,
-)
+from muon_megatron.config_flags import flags_markdown_table, muon_flag
+from muon_megatron.megatron_lm.arguments import chain_extra_args_providers, muon_extra_args_provider
 from muon_megatron.tools import cli
 
 FIELDS = dataclasses.fields(MuonConfig)
@@ -143,7 +139,7 @@ def test_verify_cli_reads_the_muon_flags_before_it_starts_any_process() -> None:
 
 def test_docs_flags_table_matches_the_dataclass() -> None:
     """docs/flags.md embeds `flags_markdown_table()` verbatim between markers; regenerate
-    with `python -m muon_megatron.megatron_lm.arguments` when MuonConfig changes."""
+    with `python -m muon_megatron.config_flags` when MuonConfig changes."""
     text = DOCS_FLAGS.read_text(encoding="utf-8")
     begin, end = "<!-- flags-table:begin -->\n", "<!-- flags-table:end -->"
     assert begin in text and end in text, "docs/flags.md lost its table markers"

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "muon_megatron"
 
 # Bottom to top. A module may import modules of its own layer and of the layers before it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("muon_megatron.config",),
+    ("muon_megatron.config", "muon_megatron.config_flags"),
     ("muon_megatron.ops",),
     ("muon_megatron.routing",),
     ("muon_megatron.reference",),

@@ -138,7 +138,7 @@ def test_the_old_bucket_flag_is_refused_naming_its_replacement() -> None:
 
     import pytest
 
-    from muon_megatron.megatron_lm.arguments import add_muon_config_args, muon_config_from_args
+    from muon_megatron.config_flags import add_muon_config_args, muon_config_from_args
 
     parser = add_muon_config_args(argparse.ArgumentParser())
     with pytest.raises(ValueError, match="--muon-bucket-mb 64 .*--muon-owner-bucket-mb"):
