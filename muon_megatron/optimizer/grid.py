@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from muon_megatron.optimizer.hang_watch import watched
+from muon_megatron.runtime.hang_watch import watched
 
 __all__ = ["Grid", "TPGroupsOf", "build_grid", "forget_groups", "grid_coords", "InFlight", "Peers", "join_grid", "start_exchange"]
 

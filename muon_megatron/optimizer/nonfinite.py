@@ -35,7 +35,7 @@ import torch
 from megatron.core.distributed.param_and_grad_buffer import shard_buffer
 from megatron.core.utils import log_single_rank
 
-from muon_megatron.optimizer.hang_watch import watched
+from muon_megatron.runtime.hang_watch import watched
 
 __all__ = ["NonFiniteGradSkipMixin", "check_once_per_step", "check_nonfinite", "skipped_steps"]
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from muon_megatron.optimizer.hang_watch import watched
+from muon_megatron.runtime.hang_watch import watched
 
 __all__ = ["StepMetrics", "NSTimer"]
 

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from muon_megatron.optimizer import hang_watch
+from muon_megatron.runtime import hang_watch
 
 
 def _run(code: str, timeout_s: str) -> subprocess.CompletedProcess:
@@ -24,7 +24,7 @@ def test_a_collective_past_the_timeout_is_reported_with_its_name_call_number_and
     out = _run(
         """
         import time
-        from muon_megatron.optimizer.hang_watch import watched
+        from muon_megatron.runtime.hang_watch import watched
         with watched("quick all_reduce"):
             pass
         with watched("quick all_reduce"):
@@ -42,7 +42,7 @@ def test_a_collective_past_the_timeout_is_reported_with_its_name_call_number_and
 def test_collectives_within_the_timeout_print_nothing() -> None:
     out = _run(
         """
-        from muon_megatron.optimizer.hang_watch import watched
+        from muon_megatron.runtime.hang_watch import watched
         for _ in range(100):
             with watched("fast"):
                 pass
@@ -68,7 +68,7 @@ def test_a_work_still_running_on_the_device_after_its_wait_returned_is_reported(
     out = _run(
         """
         import time
-        from muon_megatron.optimizer.hang_watch import watched
+        from muon_megatron.runtime.hang_watch import watched
 
         class Work:
             def __init__(self, completes_after_s):
