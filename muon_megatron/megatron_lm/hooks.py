@@ -265,7 +265,7 @@ def _check_qk_clip(args: argparse.Namespace) -> None:
 
 
 # Megatron-LM's validate_args asserts TE >= 2.9 for these; with the local attention
-# muon-megatron's QK-Clip computes the max logits itself (optimizer/muon_clip.py).
+# muon-megatron's QK-Clip computes the max logits itself (qk_clip/clip.py).
 _QK_CLIP_FLAGS = ("qk_clip", "log_max_attention_logit")
 
 

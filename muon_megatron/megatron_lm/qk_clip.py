@@ -9,7 +9,7 @@ bf16 params, the next step's main -> model copy undoes the clip.
 `install()` (hooks.py) rebinds two names in `megatron.training.training`:
 
 - `clip_qk`: for a run whose optimizer muon-megatron built, muon-megatron's
-  `optimizer.muon_clip.QKClip.apply(optimizer)` (local attention on any machine, TE's on a
+  `qk_clip.clip.QKClip.apply(optimizer)` (local attention on any machine, TE's on a
   GPU; the model params and the optimizer's fp32 main shards rescaled) instead of
   megatron-core's; it returns the same figure, the max logit before the clip, model-wide.
   Any other run gets megatron-core's `clip_qk`, unchanged.
@@ -35,7 +35,7 @@ _clip: list[Any] = []
 def build_for(args: argparse.Namespace, model_chunks: list) -> None:
     """Record max logits on `model_chunks` for this muon-megatron run when its flags ask for
     QK-Clip or for the max logit alone; forget any earlier run's."""
-    from muon_megatron.optimizer.muon_clip import qk_clip_from_args
+    from muon_megatron.qk_clip.clip import qk_clip_from_args
 
     for old in _clip:
         old.remove()

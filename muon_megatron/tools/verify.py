@@ -135,7 +135,7 @@ class VerifySpec:
     clip_grad: float = 1.0
     seed: int = 1234
     qk_clip: tuple[float, float] | None = None
-    """(threshold, alpha): QK-Clip after every step of both runs (`optimizer.muon_clip`)."""
+    """(threshold, alpha): QK-Clip after every step of both runs (`qk_clip.clip`)."""
 
     @property
     def world_size(self) -> int:
@@ -296,7 +296,7 @@ def _train_reference(
 def _qk_clip(model, spec: VerifySpec):
     if spec.qk_clip is None:
         return None
-    from muon_megatron.optimizer.muon_clip import QKClip
+    from muon_megatron.qk_clip.clip import QKClip
 
     threshold, alpha = spec.qk_clip
     return QKClip.for_model(model, threshold=threshold, alpha=alpha)

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", action="store_true", help="Rejected: Muon needs bf16 or fp32.")
     g.add_argument("--seed", type=int, default=1234)
 
-    g = p.add_argument_group("QK-Clip (MuonClip, Kimi K2; optimizer/muon_clip.py)")
+    g = p.add_argument_group("QK-Clip (MuonClip, Kimi K2; qk_clip/clip.py)")
     g.add_argument("--qk-clip", action="store_true",
                    help="After each step, rescale W_q / W_k of heads whose max logit > tau.")
     g.add_argument("--qk-clip-alpha", type=float, default=_tc_default("qk_clip_alpha"),

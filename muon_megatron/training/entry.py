@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     from megatron.core import parallel_state
 
     from muon_megatron.costmodel.startup import plan_summary
-    from muon_megatron.optimizer.muon_clip import qk_clip_from_args
+    from muon_megatron.qk_clip.clip import qk_clip_from_args
     from muon_megatron.training import model as gpt
     from muon_megatron.training import step
     from muon_megatron.training.data import local_batch, stdlib_corpus

@@ -84,7 +84,7 @@ def _effect(
 ):
     from megatron.core import parallel_state
 
-    from muon_megatron.optimizer.muon_clip import QKClip
+    from muon_megatron.qk_clip.clip import QKClip
     from muon_megatron.training import step
 
     tiny.initialize_parallel(layout, 1234)

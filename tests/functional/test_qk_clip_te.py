@@ -1,6 +1,6 @@
 """QK-Clip's two sources of max logits agree: Transformer Engine's (what megatron-core's
 TEDotProductAttention keeps in `current_max_attn_logits` with config.qk_clip, TE >= 2.9) and
-our hook on the local attention (`optimizer.muon_clip.record_max_logits`).
+our hook on the local attention (`qk_clip.clip.record_max_logits`).
 
 Needs a CUDA GPU and Transformer Engine >= 2.9; skipped, with the reason, without them (CI
 and the project's CPU machines have neither: this runs on a lent GPU node only).
@@ -24,7 +24,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import is_te_min_version
 
-from muon_megatron.optimizer.muon_clip import record_max_logits
+from muon_megatron.qk_clip.clip import record_max_logits
 
 if not is_te_min_version("2.9.0"):
     pytest.skip("TE < 2.9 returns no max logits", allow_module_level=True)

@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("muon_megatron.routing",),
     ("muon_megatron.reference",),
     ("muon_megatron.runtime",),
+    ("muon_megatron.qk_clip",),
     ("muon_megatron.optimizer",),
     ("muon_megatron.costmodel",),
     ("muon_megatron.integrity",),

@@ -1,4 +1,4 @@
-"""QK-Clip's math (optimizer/qk_clip.py), its max-logit hook and its flags, on one process.
+"""QK-Clip's math (qk_clip/factors.py), its max-logit hook and its flags, on one process.
 
 megatron-core's own `clip_qk` (MLASelfAttention, SelfAttention) is the outside reference where
 the rules agree: MLA always, GQA with one query head per group (MHA).
@@ -16,8 +16,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from muon_megatron.optimizer import qk_clip as qc
-from muon_megatron.optimizer.muon_clip import QKClip, qk_clip_from_args, record_max_logits
+from muon_megatron.qk_clip import factors as qc
+from muon_megatron.qk_clip.clip import QKClip, qk_clip_from_args, record_max_logits
 from muon_megatron.training.args import build_parser, validate_args
 
 TAU, ALPHA = 1.0, 0.5

@@ -18,7 +18,7 @@ q.k * softmax_scale (masked positions excluded), over all of one step's forwards
    layer's per-head maxima: S_h over the global batch. TP ranks hold different heads and
    pipeline stages their own layers, so neither is reduced for the clip;
 2. for each layer with a head above the threshold, the row factors of
-   `muon_megatron.optimizer.qk_clip` (GQA per KV group, MLA nope/rope; see there);
+   `muon_megatron.qk_clip.factors` (GQA per KV group, MLA nope/rope; see there);
 3. the model params (the whole TP-local tensor, which every DP rank holds after the
    optimizer's param all-gather) are scaled in place, and so are the optimizer's fp32 main
    shards (ZeRO-1: flat slices [start, end) of the TP-local tensor, Megatron's
@@ -43,7 +43,7 @@ import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from muon_megatron.optimizer import qk_clip as clip_math
+from muon_megatron.qk_clip import factors as clip_math
 
 __all__ = ["QKClip", "QKClipStats", "qk_clip_from_args", "record_max_logits"]
 
