@@ -16,9 +16,9 @@ turns the run into its layer-wise optimizer instead): statements about megatron-
 Muon. `install()` wraps `validate_args` where `initialize_megatron` looks it up so that, for
 `--optimizer muon`, muon-megatron's checks run first (every `--muon-*` flag Megatron-LM
 defines honoured or refused, the checkpoint format, the optimizer settings), then Megatron
-validates the ZeRO-1 AdamW run it is underneath; its argument dump still prints `muon`. `patches/` has a source patch for
-those who would rather patch Megatron-LM than wrap it; the patched path calls
-`require_installed()`, so forgetting `install()` fails at validation with the fix named.
+validates the ZeRO-1 AdamW run it is underneath; its argument dump still prints `muon`.
+`patches/` has a source patch for those who would rather patch Megatron-LM than wrap it; the
+patched path calls `require_installed()`, so forgetting `install()` fails at validation.
 
 Use from a Megatron-LM training script:
 
