@@ -20,6 +20,7 @@ from muon_megatron.tools.verify import (
     BF16_TOLERANCE,
     FP32_TOLERANCE,
     NOISE_CEILING,
+    NOISE_GAIN,
     VerifySpec,
     run_verify,
 )
@@ -52,9 +53,18 @@ def test_fp32_parity_with_reference(fp32_run: dict) -> None:
         fp32_run["family_diffs"],
         fp32_run["tolerances"],
     )
-    for family in fp32_run["family_diffs"]:
-        assert FP32_TOLERANCE <= fp32_run["tolerances"][family] <= NOISE_CEILING, family
+    limit = noise_limit(fp32_run)
+    for family, diff in fp32_run["family_diffs"].items():
+        assert diff <= limit, (family, diff, limit, fp32_run["noise_diffs"])
     assert len(fp32_run["dist_losses"]) == STEPS
+
+
+def noise_limit(result: dict) -> float:
+    """The fp32 limit of a run, from its measured noise, computed here rather than read from
+    verify: NOISE_GAIN x the larger family's noise, at least FP32_TOLERANCE, at most
+    NOISE_CEILING."""
+    noise = max(result["noise_diffs"].values())
+    return min(NOISE_CEILING, max(FP32_TOLERANCE, NOISE_GAIN * noise))
 
 
 def test_noise_gauge_measures_reordering_noise() -> None:
@@ -107,8 +117,9 @@ def test_bf16_communication_parity() -> None:
     _assert_bf16_parity(run_verify(VerifySpec(dp=2, steps=STEPS), cfg))
 
 
-def test_update_rms_matches_adamw_in_moonlight_mode() -> None:
-    """0.2 * sqrt(max(A, B)) gives an orthogonal A x B update an RMS of exactly 0.2.
+def test_moonlight_scaling_gives_every_full_rank_update_an_rms_of_0_2() -> None:
+    """0.2 * sqrt(max(A, B)) gives an orthogonal A x B update an RMS of exactly 0.2 (the RMS
+    Moonlight reports for AdamW's updates; AdamW itself is not run here).
 
     Polar Express drives every singular value to ~1 (band 0.86-1.13 at 5 steps), so each
     matrix whose momentum is full rank lands within 5% of 0.2 (measured 0.196-0.201).
