@@ -1,0 +1,125 @@
+"""One rank of the training entry, killed with SIGKILL at a chosen point (test harness only).
+
+    MUON_TEST_FAULT=<point>:<n> RANK=1 WORLD_SIZE=2 MASTER_ADDR=... MASTER_PORT=... \
+        python tests/functional/fault_rank.py <examples/pretrain_moe.py flags>
+
+runs `muon_megatron.training.entry.main` as a torchrun rank would, after wrapping, from
+outside, the functions that mark the point; nothing in the package knows about it. Points:
+
+* `save-file:<n>`: in the n-th checkpoint save, once this rank's first shard file (`.distcp`)
+  is written and closed; its other shard files may be half written, and the coordinator's
+  `.metadata`, the checksums and the tracker are not written yet.
+* `before-scatter:<n>`: in iteration n's Muon step, after the first bucket's gather has
+  arrived and before its scatter starts (the owners hold the gathered momenta).
+* `before-param-gather:<n>`: in iteration n, after the inner optimizer step has updated this
+  rank's main shards and copied them to its model params, before the data-parallel param
+  all-gather.
+
+The kill is `os.kill(<rank pid>, SIGKILL)`, what `kill -9` does: no Python cleanup, no
+exception, no flush. A shard file is written by a process megatron-core forks per file, so
+`save-file` kills the rank (its parent) from there.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+
+ENV = "MUON_TEST_FAULT"
+POINTS = ("save-file", "before-scatter", "before-param-gather")
+
+
+def _kill(pid: int) -> None:
+    sys.stdout.flush()
+    os.kill(pid, signal.SIGKILL)
+
+
+def _install(point: str, n: int) -> None:
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import (
+        FileSystemWriterAsync,
+    )
+
+    from muon_megatron.optimizer.distributed import MuonDistributedOptimizer
+    from muon_megatron.training import checkpointing, step
+
+    rank_pid = os.getpid()
+    count = {"saves": 0, "iteration": 0}
+    in_step = {"n": None}  # the iteration whose optimizer step is running, else None
+
+    forward_backward = step.forward_backward
+
+    @functools.wraps(forward_backward)
+    def counted_forward_backward(*args, **kwargs):
+        count["iteration"] += 1  # one per training iteration (evaluation, off here, calls it too)
+        return forward_backward(*args, **kwargs)
+
+    step.forward_backward = counted_forward_backward
+    step_with_ready_grads = MuonDistributedOptimizer.step_with_ready_grads
+
+    @functools.wraps(step_with_ready_grads)
+    def marked_step(self):
+        in_step["n"] = count["iteration"]
+        try:
+            return step_with_ready_grads(self)
+        finally:
+            in_step["n"] = None
+
+    MuonDistributedOptimizer.step_with_ready_grads = marked_step
+
+    if point == "save-file":
+        save = checkpointing.save_checkpoint
+
+        @functools.wraps(save)
+        def counted_save(*args, **kwargs):
+            count["saves"] += 1
+            return save(*args, **kwargs)
+
+        checkpointing.save_checkpoint = counted_save
+        write = FileSystemWriterAsync.write_preloaded_data
+
+        @functools.wraps(write)
+        def write_then_kill(transform_list, local_proc_idx, *args, **kwargs):
+            write(transform_list, local_proc_idx, *args, **kwargs)
+            # This runs in the forked writer of one file; the counter is the rank's, as forked.
+            if count["saves"] == n and local_proc_idx == 0:
+                _kill(rank_pid)
+                os._exit(0)  # this writer has nothing left to report to
+
+        FileSystemWriterAsync.write_preloaded_data = staticmethod(write_then_kill)
+    elif point == "before-scatter":
+        start_scatter = MuonDistributedOptimizer._phase4_start_scatter
+
+        @functools.wraps(start_scatter)
+        def kill_then_scatter(self, bucket, buffer):
+            if in_step["n"] == n:
+                _kill(rank_pid)
+            return start_scatter(self, bucket, buffer)
+
+        MuonDistributedOptimizer._phase4_start_scatter = kill_then_scatter
+    elif point == "before-param-gather":
+        start_param_sync = DistributedDataParallel.start_param_sync
+
+        @functools.wraps(start_param_sync)
+        def kill_then_sync(self, *args, **kwargs):
+            if in_step["n"] == n:
+                _kill(rank_pid)
+            return start_param_sync(self, *args, **kwargs)
+
+        DistributedDataParallel.start_param_sync = kill_then_sync
+    else:
+        raise ValueError(f"{ENV}={point}:{n}: the point must be one of {POINTS}")
+
+
+def main() -> int:
+    point, _, n = os.environ[ENV].partition(":")
+    _install(point, int(n))
+    from muon_megatron.training.entry import main as entry_main
+
+    return entry_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
