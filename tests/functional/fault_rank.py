@@ -1,10 +1,13 @@
-"""One rank of the training entry, killed with SIGKILL at a chosen point (test harness only).
+"""A rank killed with SIGKILL at a chosen point (test harness only).
 
     MUON_TEST_FAULT=<point>:<n> RANK=1 WORLD_SIZE=2 MASTER_ADDR=... MASTER_PORT=... \
         python tests/functional/fault_rank.py <examples/pretrain_moe.py flags>
 
 runs `muon_megatron.training.entry.main` as a torchrun rank would, after wrapping, from
-outside, the functions that mark the point; nothing in the package knows about it. Points:
+outside, the functions that mark the point; nothing in the package knows about it. Under
+Megatron-LM's `pretrain_gpt.py`, `fault_site/sitecustomize.py` calls `install_from_env()` in
+the rank that MUON_TEST_FAULT_RANK names. Iterations are counted by the optimizer's steps,
+saves by torch_dist's synchronous writes, so the points mean the same in both entries:
 
 * `save-file:<n>`: in the n-th checkpoint save, once this rank's first shard file (`.distcp`)
   is written and closed; its other shard files may be half written, and the coordinator's
@@ -43,24 +46,18 @@ def _install(point: str, n: int) -> None:
     )
 
     from muon_megatron.optimizer.distributed import MuonDistributedOptimizer
-    from muon_megatron.training import checkpointing, step
 
     rank_pid = os.getpid()
     count = {"saves": 0, "iteration": 0}
     in_step = {"n": None}  # the iteration whose optimizer step is running, else None
-
-    forward_backward = step.forward_backward
-
-    @functools.wraps(forward_backward)
-    def counted_forward_backward(*args, **kwargs):
-        count["iteration"] += 1  # one per training iteration (evaluation, off here, calls it too)
-        return forward_backward(*args, **kwargs)
-
-    step.forward_backward = counted_forward_backward
     step_with_ready_grads = MuonDistributedOptimizer.step_with_ready_grads
 
     @functools.wraps(step_with_ready_grads)
     def marked_step(self):
+        # The member that runs the pipeline (the chain's first) steps once per iteration,
+        # before the chain's other members.
+        if self._pipeline_members is not None:
+            count["iteration"] += 1
         in_step["n"] = count["iteration"]
         try:
             return step_with_ready_grads(self)
@@ -70,14 +67,16 @@ def _install(point: str, n: int) -> None:
     MuonDistributedOptimizer.step_with_ready_grads = marked_step
 
     if point == "save-file":
-        save = checkpointing.save_checkpoint
+        # A synchronous torch_dist save runs this once, in the rank's process, and it forks
+        # one writer per shard file (both entries).
+        write_all = FileSystemWriterAsync.write_preloaded_data_multiproc
 
-        @functools.wraps(save)
+        @functools.wraps(write_all)
         def counted_save(*args, **kwargs):
             count["saves"] += 1
-            return save(*args, **kwargs)
+            return write_all(*args, **kwargs)
 
-        checkpointing.save_checkpoint = counted_save
+        FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(counted_save)
         write = FileSystemWriterAsync.write_preloaded_data
 
         @functools.wraps(write)
@@ -113,9 +112,14 @@ def _install(point: str, n: int) -> None:
         raise ValueError(f"{ENV}={point}:{n}: the point must be one of {POINTS}")
 
 
-def main() -> int:
+def install_from_env() -> None:
+    """Install the point MUON_TEST_FAULT names in this process."""
     point, _, n = os.environ[ENV].partition(":")
     _install(point, int(n))
+
+
+def main() -> int:
+    install_from_env()
     from muon_megatron.training.entry import main as entry_main
 
     return entry_main(sys.argv[1:])
