@@ -18,13 +18,15 @@ saves by torch_dist's synchronous writes, so the points mean the same in both en
   rank's main shards and copied them to its model params, before the data-parallel param
   all-gather.
 
-The kill is `os.kill(<rank pid>, SIGKILL)`, what `kill -9` does: no Python cleanup, no
-exception, no flush. A shard file is written by a process megatron-core forks per file, so
-`save-file` kills the rank (its parent) from there.
+The kill is SIGKILL to the rank's process, what `kill -9` does: no Python cleanup, no
+exception, no flush; the processes the rank forked (megatron-core's checkpoint writers) get
+one too. A shard file is written by a process megatron-core forks per file, so `save-file`
+kills the rank (its parent) from there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -35,8 +37,27 @@ POINTS = ("save-file", "before-scatter", "before-param-gather")
 
 
 def _kill(pid: int) -> None:
+    """SIGKILL the rank `pid` and the other processes it forked (the checkpoint writers):
+    orphaned, a writer can block forever on a queue whose reader died, holding the launcher's
+    output pipe open."""
     sys.stdout.flush()
+    for child in _children(pid):
+        if child != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
     os.kill(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat") as stat:
+                    # pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        children.append(int(entry))
+    return children
 
 
 def _install(point: str, n: int) -> None:

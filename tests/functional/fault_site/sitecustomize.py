@@ -1,0 +1,14 @@
+"""Test harness only: on this folder's PYTHONPATH, installs `fault_rank`'s kill point in the
+torchrun worker whose RANK is MUON_TEST_FAULT_RANK (default 1), at interpreter start, before
+`-m muon_megatron.megatron_lm` runs `pretrain_gpt.py`. Other processes are left alone."""
+
+import os
+import sys
+
+if os.environ.get("MUON_TEST_FAULT") and os.environ.get("RANK") == os.environ.get(
+    "MUON_TEST_FAULT_RANK", "1"
+):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import fault_rank
+
+    fault_rank.install_from_env()

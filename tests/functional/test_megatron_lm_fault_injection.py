@@ -1,0 +1,118 @@
+"""kill -9 of one rank of Megatron-LM's `pretrain_gpt.py` at a chosen point, then a resume.
+
+The tiny GPT of `muon_megatron.testing.megatron_lm_run` on 2 ranks (DP2, Muon), 6
+iterations saving every 2, launched as a user would (`torchrun -m muon_megatron.megatron_lm
+pretrain_gpt.py`). Rank 1 is killed with SIGKILL at the point MUON_TEST_FAULT names
+(`fault_site/sitecustomize.py` installs `fault_rank`'s wrappers in that rank only); torchrun
+then stops the other rank. The resume is the same command with `--load` on the same
+directory. After each point: the tracker names the last complete checkpoint, the resumed
+run prints the uninterrupted run's losses, and every tensor of its final checkpoint equals
+the uninterrupted run's (`==`: the same arithmetic on the same inputs).
+
+Needs a Megatron-LM checkout (`MEGATRON_LM_DIR`) and the packages its `megatron.training`
+imports; skipped, with the reason, without them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+
+import pytest
+import torch
+
+from muon_megatron.testing.megatron_lm_run import (
+    logged_values,
+    megatron_lm_dir,
+    run_pretrain_gpt,
+    tiny_gpt_args,
+)
+
+if megatron_lm_dir() is None:
+    pytest.skip(
+        "Megatron-LM not found: set MEGATRON_LM_DIR to a checkout of NVIDIA/Megatron-LM "
+        "(core_v0.16.1 or core_v0.19.x)",
+        allow_module_level=True,
+    )
+_MISSING = [m for m in ("six", "regex", "yaml", "pydantic") if importlib.util.find_spec(m) is None]
+if _MISSING:
+    pytest.skip(
+        f"Megatron-LM's training package needs {_MISSING}: pip install six regex pyyaml pydantic",
+        allow_module_level=True,
+    )
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FAULT_SITE = pathlib.Path(__file__).resolve().parent / "fault_site"
+TRAIN_ITERS, SAVE_INTERVAL = 6, 2
+RUN_TIMEOUT_S = 600.0
+# point -> (MUON_TEST_FAULT, the iteration the tracker must name after the kill)
+FAULTS = {
+    "mid-save": ("save-file:2", 2),
+    "between gather and scatter": ("before-scatter:5", 4),
+    "before the param all-gather": ("before-param-gather:5", 4),
+}
+
+
+def _run(save: pathlib.Path, log: pathlib.Path, *, load: bool = False,
+         fault: str | None = None) -> tuple[int, str]:  # fmt: skip
+    args = tiny_gpt_args(train_iters=TRAIN_ITERS, save=str(save), save_interval=SAVE_INTERVAL,
+                         load=str(save) if load else None)  # fmt: skip
+    env = None
+    if fault is not None:
+        path = [str(FAULT_SITE), megatron_lm_dir(), str(ROOT), os.environ.get("PYTHONPATH", "")]
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, path)), "MUON_TEST_FAULT": fault}
+    returncode, output = run_pretrain_gpt(2, args, timeout_s=RUN_TIMEOUT_S, env=env)
+    log.write_text(output)
+    return returncode, output
+
+
+def _checkpoint_tensors(ckpt_dir: pathlib.Path, scratch: pathlib.Path) -> dict:
+    """Every tensor of a torch_dist checkpoint, flattened to 'a/b/c' keys."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(ckpt_dir), str(scratch))
+    out: dict = {}
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}/{k}")
+        elif torch.is_tensor(node):
+            out[path] = node
+
+    walk(torch.load(scratch, weights_only=False), "")
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("megatron_lm_straight")
+    returncode, output = _run(root / "ckpt", root / "run.log")
+    assert returncode == 0, output[-8000:]
+    return {"losses": logged_values(output, "lm loss"), "final": root / "ckpt" / "iter_0000006"}
+
+
+@pytest.mark.parametrize("point", list(FAULTS))
+def test_a_killed_rank_of_pretrain_gpt_resumes_bitwise_like_the_uninterrupted_run(
+    point: str, straight: dict, tmp_path: pathlib.Path
+) -> None:
+    fault, last_complete = FAULTS[point]
+    save = tmp_path / "ckpt"
+    returncode, output = _run(save, tmp_path / "killed.log", fault=fault)
+    assert returncode != 0 and "SIGKILL" in output, output[-6000:]
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(last_complete)
+
+    returncode, output = _run(save, tmp_path / "resumed.log", load=True)
+    assert returncode == 0, output[-8000:]
+    resumed = logged_values(output, "lm loss")
+    assert sorted(resumed) == list(range(last_complete + 1, TRAIN_ITERS + 1)), resumed
+    # Megatron-LM's second log line after a resume is the mean of its first two iterations
+    # (test_megatron_lm_checkpoints.py meets the same); every other line is one iteration's.
+    compared = [it for it in resumed if it != last_complete + 2]
+    assert [resumed[it] for it in compared] == [straight["losses"][it] for it in compared]
+    a = _checkpoint_tensors(straight["final"], tmp_path / "a.pt")
+    b = _checkpoint_tensors(save / "iter_0000006", tmp_path / "b.pt")
+    assert a.keys() == b.keys() and any("exp_avg" in k for k in a), sorted(a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
