@@ -26,6 +26,7 @@ __all__ = [
     "CommDtype",
     "RouterOptimizer",
     "Bounds",
+    "NamePatterns",
 ]
 
 ScaleMode = Literal["moonlight", "shape_scaling", "unit_rms_norm", "none"]
@@ -45,6 +46,10 @@ CoefficientSet = Literal["quintic", "polar_express"]
 NSDtype = Literal["bf16", "fp32"]
 CommDtype = Literal["fp32", "bf16"]
 RouterOptimizer = Literal["adamw", "muon"]
+NamePatterns = tuple[str, ...]
+"""Shell-style patterns (`fnmatch.fnmatchcase`) matched against a parameter's whole name,
+without the `module.` prefixes of megatron's wrappers (`decoder.layers.0.mlp.linear_fc1.weight`;
+under pipeline parallelism the layer numbers are each stage's own, from 0)."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,23 @@ class MuonConfig:
         "training stability (arXiv 2502.16982, appendix D). Biases stay undecayed.",
     )
 
+    muon_include: NamePatterns = _knob(
+        (),
+        "Send the parameters whose name matches this pattern to Muon (shell-style, fnmatch, "
+        "on the whole name without 'module.' prefixes, e.g. 'decoder.layers.*.mlp.router.weight'"
+        "); each must be a 2-D weight. Repeat the flag for more patterns.",
+    )
+    muon_exclude: NamePatterns = _knob(
+        (),
+        "Send the parameters whose name matches this pattern to AdamW (as --muon-include, "
+        "e.g. '*.linear_kv_down_proj.weight'). A parameter matched by both flags is refused.",
+    )
+    muon_print_routing: bool = _knob(
+        False,
+        "At rank 0, when the optimizer is built, print one line per parameter (optimizer, "
+        "why, logical matrices, TP layout) after the routing table's one line per kind.",
+    )
+
     def __post_init__(self) -> None:
         """Refuse, naming the value, the allowed values and the default: a wrong type
         (TypeError; a bool is not a number here, nor a number a bool) or a value outside
@@ -236,6 +258,14 @@ class MuonConfig:
         hints = _field_types()
         for f in dataclasses.fields(self):
             _check_field(f, hints[f.name], getattr(self, f.name))
+
+        both = sorted(set(self.muon_include) & set(self.muon_exclude))
+        if both:
+            raise ValueError(
+                f"muon_include={self.muon_include!r} and muon_exclude={self.muon_exclude!r} "
+                f"(--muon-include / --muon-exclude) both hold {both}: a parameter cannot go "
+                "to Muon and to AdamW; drop it from one."
+            )
 
     @classmethod
     def from_namespace(cls, args) -> MuonConfig:
@@ -277,11 +307,14 @@ def _check_field(f: dataclasses.Field, hint: Any, value: Any) -> None:
                 f"{named} is not one of {choices}; pick one of those. {_default_text(f)}"
             )
         return
+    if hint == NamePatterns:
+        _check_patterns(named, value)
+        return
     bounds: Bounds | None = f.metadata["bounds"]
     if hint not in (int, float) or bounds is None:
         raise TypeError(
-            f"MuonConfig.{f.name} ({hint}) has no check: make it a bool, a Literal of str, or "
-            "an int / float with Bounds."
+            f"MuonConfig.{f.name} ({hint}) has no check: make it a bool, a Literal of str, "
+            "NamePatterns, or an int / float with Bounds."
         )
     number = numbers.Integral if hint is int else numbers.Real
     kind = "an int" if hint is int else "a number"
@@ -295,3 +328,21 @@ def _check_field(f: dataclasses.Field, hint: Any, value: Any) -> None:
             f"{named} is outside the allowed range: pass {allowed} (finite), because "
             f"{bounds.why}. {_default_text(f)}"
         )
+
+
+def _check_patterns(named: str, value: Any) -> None:
+    """A tuple of non-empty name patterns, each given once."""
+    if not isinstance(value, tuple) or not all(isinstance(p, str) for p in value):
+        raise TypeError(
+            f"{named} is not a tuple of str; pass name patterns as a tuple, e.g. "
+            "('*.linear_kv_down_proj.weight',). The default is ()."
+        )
+    bad = [p for p in value if not p.strip() or p != p.strip()]
+    if bad:
+        raise ValueError(
+            f"{named}: the patterns {bad} are empty or start / end with whitespace, which no "
+            "parameter name has; write the name pattern alone (fnmatch, e.g. "
+            "'*.linear_proj.weight'). The default is ()."
+        )
+    if len(set(value)) != len(value):
+        raise ValueError(f"{named} repeats a pattern; give each once. The default is ().")

@@ -3,6 +3,8 @@
 import os
 import sys
 
+import pytest
+
 # Every rank is its own process; more than one intra-op thread each only oversubscribes the
 # cores. Set before torch is imported here or in any spawned rank (which inherits the env).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -15,3 +17,20 @@ os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+
+@pytest.fixture(scope="session")
+def te_stand_in():
+    """tests/te_stand_in/run.py (`in_te_process`, `load_stand_in_as`), loaded by its path:
+    its folder holds the TE stand-in (`transformer_engine`), which must never be on this
+    process's sys.path."""
+    import importlib.util
+
+    name = "muon_megatron_tests_te_stand_in_run"
+    if name not in sys.modules:
+        path = os.path.join(_ROOT, "tests", "te_stand_in", "run.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -23,7 +23,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from muon_megatron.config import REFUSED_SCALE_MODES, MuonConfig
+from muon_megatron.config import REFUSED_SCALE_MODES, MuonConfig, NamePatterns
 
 __all__ = [
     "MEGATRON_LM_MUON_FLAGS",
@@ -76,17 +76,28 @@ def muon_flag(field_name: str) -> str:
 
 
 def _field_kind(hint: Any) -> tuple[str, Any]:
-    """('bool', None), ('choice', choices) or ('value', type) for a field's type hint."""
+    """('bool', None), ('choice', choices), ('patterns', None) or ('value', type) for a field's
+    type hint."""
     if hint is bool:
         return "bool", None
+    if hint == NamePatterns:
+        return "patterns", None
     if typing.get_origin(hint) is typing.Literal:
         return "choice", typing.get_args(hint)
     if hint in (int, float, str):
         return "value", hint
     raise TypeError(
-        f"MuonConfig field type {hint!r} has no command-line form; use bool, int, float, str "
-        "or a Literal of str."
+        f"MuonConfig field type {hint!r} has no command-line form; use bool, int, float, str, "
+        "NamePatterns or a Literal of str."
     )
+
+
+class _AppendPattern(argparse.Action):
+    """Each use of the flag adds one pattern to the tuple (argparse's own "append" cannot
+    start from the dataclass's immutable default, ())."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, (*(getattr(namespace, self.dest, None) or ()), values))
 
 
 def add_muon_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -110,6 +121,10 @@ def add_muon_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         if kind == "bool":
             group.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+        elif kind == "patterns":
+            group.add_argument(
+                flag, dest=f.name, action=_AppendPattern, metavar="PATTERN", help=help_text
             )
         elif kind == "choice":
             # Refused spellings pass argparse so that MuonConfig explains why they are refused.
@@ -256,6 +271,8 @@ def chain_extra_args_providers(*providers: ExtraArgsProvider | None) -> ExtraArg
 def _default_text(kind: str, default: Any) -> str:
     if kind == "bool":
         return "on" if default else "off"
+    if kind == "patterns":
+        return "none" if not default else " ".join(default)
     return repr(default) if isinstance(default, str) else str(default)
 
 
@@ -272,6 +289,9 @@ def flags_markdown_table() -> str:
         elif kind == "choice":
             name = f"`{flag}`"
             values = ", ".join(f"`{c}`" for c in arg)
+        elif kind == "patterns":
+            name = f"`{flag} PATTERN`"
+            values = "name patterns (fnmatch), the flag repeated"
         else:
             name = f"`{flag}`"
             values = f"{arg.__name__} in {f.metadata['bounds']}"

@@ -217,7 +217,7 @@ def _muon_config_from(args: argparse.Namespace) -> MuonConfig:
 def _check_muon_run(args: argparse.Namespace) -> MuonConfig:
     """muon-megatron's checks of a `--optimizer muon` run, before Megatron's own; returns
     the run's MuonConfig."""
-    from muon_megatron.optimizer.builder import check_supported
+    from muon_megatron.optimizer.builder import check_parallelism, check_supported
 
     if not getattr(args, "use_distributed_optimizer", False):
         raise ValueError(
@@ -233,6 +233,9 @@ def _check_muon_run(args: argparse.Namespace) -> MuonConfig:
                 "DistributedOptimizer; use --use-distributed-optimizer without FSDP."
             )
     _check_qk_clip(args)
+    # Read before Megatron-LM's validate_args derives virtual_pipeline_model_parallel_size.
+    vpp = any(getattr(args, f, None) for f in _VIRTUAL_PIPELINE_FLAGS)
+    check_parallelism(2 if vpp else 1, getattr(args, "context_parallel_size", 1) or 1)
     ckpt_format = getattr(args, "ckpt_format", _SUPPORTED_CKPT_FORMAT)
     if ckpt_format != _SUPPORTED_CKPT_FORMAT and (getattr(args, "save", None) or getattr(args, "load", None)):
         raise ValueError(
@@ -242,6 +245,11 @@ def _check_muon_run(args: argparse.Namespace) -> MuonConfig:
             "change TP/PP/EP on resume)."
         )
     return muon_config
+
+
+_VIRTUAL_PIPELINE_FLAGS = ("num_layers_per_virtual_pipeline_stage",
+                           "num_virtual_stages_per_pipeline_rank",
+                           "virtual_pipeline_model_parallel_size")
 
 
 def _check_qk_clip(args: argparse.Namespace) -> None:

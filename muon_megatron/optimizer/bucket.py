@@ -31,11 +31,11 @@ import torch
 
 from muon_megatron.config import MuonConfig
 from muon_megatron.ops.update import update_scale
-from muon_megatron.optimizer.grid import Grid
+from muon_megatron.optimizer.grid import Grid, Peers
 from muon_megatron.optimizer.plan import MuonMatrix
 from muon_megatron.routing.splits import MatrixSplit
 
-__all__ = ["Bucket", "Transfers", "bucket_transfers", "MatrixClass", "Batch"]
+__all__ = ["Bucket", "Exchange", "Transfers", "bucket_transfers", "MatrixClass", "Batch"]
 
 Transfers = dict[tuple[int, int], int]
 """Elements moved from grid member `src` to grid member `dst`, keyed (src, dst)."""
@@ -65,6 +65,21 @@ def bucket_transfers(matrices: list[MuonMatrix], grid: Grid) -> tuple[Transfers,
                     gather[(g, owner)] = gather.get((g, owner), 0) + n
                 scatter[(owner, g)] = scatter.get((owner, g), 0) + n
     return gather, scatter
+
+
+@dataclass
+class Exchange:
+    """One direction of a bucket's exchange, as this rank sees it: the pieces it sends
+    (`send_order` picks them from the caller's list, `send_blocks` their sizes, peers' in
+    turn), to whom (`send_peers`), and what it receives (`recv_blocks`, from `recv_peers`,
+    members ascending)."""
+
+    send_order: list[int]
+    send_blocks: list[int]
+    send_peers: Peers
+    recv_blocks: list[int]
+    recv_peers: Peers
+    tag: int
 
 
 @dataclass
@@ -176,9 +191,8 @@ class Bucket:
                 self.keep_held.append(i)
             else:
                 to.setdefault(m.owner, []).append(i)
-        self.gather_send_order = [i for g in sorted(to) for i in to[g]]
-        self.gather_send_blocks = [self.held[i].shard_numel(my_dp) for i in self.gather_send_order]
-        self.gather_send_peers = [
+        gather_order = [i for g in sorted(to) for i in to[g]]
+        gather_peers = [
             (g, sum(self.held[i].shard_numel(my_dp) for i in to[g])) for g in sorted(to)
         ]
         # ------------------------------------------------ the owner's buffer, by class
@@ -212,17 +226,23 @@ class Bucket:
         block_of = {b: k for k, b in enumerate(blocks)}
         # What arrives, from each member (ascending) in bucket order, and where it goes.
         arrivals: list[tuple[int, int, int]] = []
-        self.gather_recv_peers: list[tuple[int, int]] = []
+        arrival_peers: Peers = []
         for g, (t, d) in enumerate(grid.coords):
             if g == me:
                 continue
             come = [(m.index, t, d) for m in self.mine
                     if m.sends_from(t) and m.shard_numel(d) > 0]
             if come:
-                self.gather_recv_peers.append((g, sum(by_index[i].shard_numel(d)
-                                                      for i, _, d in come)))
+                arrival_peers.append((g, sum(by_index[i].shard_numel(d) for i, _, d in come)))
                 arrivals.extend(come)
-        self.gather_recv_blocks = [by_index[i].shard_numel(d) for i, _, d in arrivals]
+        self.gather = Exchange(
+            gather_order,
+            [self.held[i].shard_numel(my_dp) for i in gather_order],
+            gather_peers,
+            [by_index[i].shard_numel(d) for i, _, d in arrivals],
+            arrival_peers,
+            tag,
+        )
         kept = [(m.index, my_tp, my_dp) for m in self.mine
                 if m.sends_from(my_tp) and m.shard_numel(my_dp) > 0]
         # Source of every block: a received piece (its position) or a kept one (after them).
@@ -262,23 +282,26 @@ class Bucket:
                     self.scatter_keep[m.index] = k
                 else:
                     out.setdefault(g, []).append(k)
-        self.scatter_send_order = [k for g in sorted(out) for k in out[g]]
-        self.scatter_send_blocks = [self.blocks[k] for k in self.scatter_send_order]
-        self.scatter_send_peers = [(g, sum(self.blocks[k] for k in out[g])) for g in sorted(out)]
+        scatter_order = [k for g in sorted(out) for k in out[g]]
         # ------------------------------------------------ what comes back to this rank
         self.updated = [m for m in matrices if m.shard_numel(my_dp) > 0 and m.owner != me]
         self.updated.sort(key=lambda m: (m.owner, m.index))  # bucket order: by index
-        self.scatter_recv_blocks = [m.shard_numel(my_dp) for m in self.updated]
-        self.scatter_recv_peers: list[tuple[int, int]] = []
+        returns: Peers = []
         for m in self.updated:
-            if self.scatter_recv_peers and self.scatter_recv_peers[-1][0] == m.owner:
-                g, n = self.scatter_recv_peers[-1]
-                self.scatter_recv_peers[-1] = (g, n + m.shard_numel(my_dp))
+            if returns and returns[-1][0] == m.owner:
+                returns[-1] = (m.owner, returns[-1][1] + m.shard_numel(my_dp))
             else:
-                self.scatter_recv_peers.append((m.owner, m.shard_numel(my_dp)))
-        self.tag = tag
-        """Point-to-point tag of the gather (the scatter's is tag + 1): unique per bucket of
-        this grid, so that no two exchanges in flight between two ranks can match."""
+                returns.append((m.owner, m.shard_numel(my_dp)))
+        # Tags: unique per bucket of this grid and direction, so that no two exchanges in
+        # flight between two ranks can match each other's transfers.
+        self.scatter = Exchange(
+            scatter_order,
+            [self.blocks[k] for k in scatter_order],
+            [(g, sum(self.blocks[k] for k in out[g])) for g in sorted(out)],
+            [m.shard_numel(my_dp) for m in self.updated],
+            returns,
+            tag + 1,
+        )
 
     @property
     def numel(self) -> int:

@@ -21,6 +21,7 @@ from muon_megatron.config import MuonConfig
 from muon_megatron.optimizer.core_versions import warn_if_untested_megatron_core
 from muon_megatron.optimizer.distributed import MuonDistributedOptimizer
 from muon_megatron.optimizer.nonfinite import check_once_per_step
+from muon_megatron.optimizer.routing_table import routing_rows, routing_table_lines
 from muon_megatron.routing.rules import muon_param_rule
 from muon_megatron.routing.weight_decay import weight_decay_overrides
 
@@ -28,7 +29,9 @@ __all__ = [
     "get_muon_optimizer",
     "muon_optimizers",
     "muon_metrics",
+    "check_parallelism",
     "check_supported",
+    "parallelism_errors",
     "pipeline_chain",
 ]
 
@@ -66,6 +69,36 @@ def check_supported(config) -> None:
         )
 
 
+def parallelism_errors(model_chunks: int, context_parallel_size: int) -> list[str]:
+    """Why Muon refuses a run with `model_chunks` model chunks per rank (an interleaved
+    pipeline) or context parallelism: neither has been run or tested. One message per
+    problem, naming the flag and the way out ([] when neither is used)."""
+    errors = []
+    if model_chunks > 1:
+        errors.append(
+            f"--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank "
+            f"({model_chunks} model chunks per rank, an interleaved pipeline) is not supported "
+            "with --optimizer muon: its plan keys matrices by chunk-local names, which repeat "
+            "across a rank's virtual stages (owners, Newton-Schulz accounting, the checkpoint's "
+            "momentum), and it has never been tested; drop the flag (plain "
+            "--pipeline-model-parallel-size works)."
+        )
+    if context_parallel_size > 1:
+        errors.append(
+            f"--context-parallel-size {context_parallel_size} is not supported with --optimizer "
+            "muon: its grid would span megatron-core's data-and-context-parallel group, which "
+            "has never been run or tested with it; use --context-parallel-size 1."
+        )
+    return errors
+
+
+def check_parallelism(model_chunks: int, context_parallel_size: int) -> None:
+    """ValueError with every `parallelism_errors` message, if any."""
+    errors = parallelism_errors(model_chunks, context_parallel_size)
+    if errors:
+        raise ValueError("\n".join(errors))
+
+
 @contextlib.contextmanager
 def _muon_as_distributed_optimizer(factory: Callable) -> Iterator[None]:
     import megatron.core.optimizer as mcore_optimizer
@@ -88,6 +121,7 @@ def get_muon_optimizer(
     *,
     is_muon: Callable[[str, torch.Tensor], bool] | None = None,
     tp_groups_of: Callable[[int, bool], list[int]] | None = None,
+    report_routing: bool = True,
     **megatron_kw,
 ):
     """Megatron optimizer with Muon for 2-D hidden weights (same arguments as
@@ -104,7 +138,9 @@ def get_muon_optimizer(
     both Muon and AdamW (Moonlight's recipe: keep AdamW's values).
 
     Logs one warning per process when the imported megatron-core is outside the tested
-    releases (`core_versions.TESTED_MEGATRON_CORE`)."""
+    releases (`core_versions.TESTED_MEGATRON_CORE`). With `report_routing` (off only for the
+    planner's fake ranks), global rank 0 prints the routing table (`routing_table`: one line
+    per kind of parameter, and with `muon_print_routing` one per parameter)."""
     from megatron.core.optimizer import get_megatron_optimizer
 
     warn_if_untested_megatron_core()
@@ -119,6 +155,11 @@ def get_muon_optimizer(
     megatron_kw = {k: v for k, v in megatron_kw.items() if k in accepted}
 
     check_supported(config)
+    from megatron.core.utils import get_model_config
+
+    check_parallelism(
+        len(model_chunks), getattr(get_model_config(model_chunks[0]), "context_parallel_size", 1)
+    )
     if getattr(model_chunks[0].ddp_config, "use_megatron_fsdp", False):
         raise ValueError("Megatron-FSDP is not supported with Muon; use the ZeRO-1 DDP.")
     if getattr(model_chunks[0].ddp_config, "num_distributed_optimizer_instances", 1) > 1:
@@ -126,8 +167,9 @@ def get_muon_optimizer(
             "num_distributed_optimizer_instances > 1 is not supported with Muon; use 1."
         )
     muon_config = muon_config or MuonConfig()
+    custom_rule = is_muon
     if is_muon is None:
-        is_muon = muon_param_rule(muon_config)  # --muon-router-optimizer
+        is_muon = muon_param_rule(muon_config)  # --muon-router-optimizer, --muon-include/exclude
     if muon_config.muon_norm_weight_decay:
         if config_overrides is not None:
             raise ValueError(
@@ -156,6 +198,11 @@ def get_muon_optimizer(
         )
     check_once_per_step(optimizer)
     pipeline_chain(optimizer)
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if report_routing and rank0:
+        rows = routing_rows(optimizer, model_chunks, muon_config, custom_rule)
+        for line in routing_table_lines(rows, per_param=muon_config.muon_print_routing):
+            print(line, flush=True)
     return optimizer
 
 

@@ -44,7 +44,10 @@ def untested_megatron_core_message(version: str) -> str | None:
     """The warning for megatron-core `version`, or None inside `TESTED_MEGATRON_CORE`."""
     low, high = TESTED_MEGATRON_CORE
     try:
-        tested = Version(low) <= Version(version) <= Version(high)
+        # The release alone: megatron-core 0.19's package_info appends a local label (the
+        # git commit of the working directory, e.g. '0.19.2+e2a373d'), which would put the
+        # tested 0.19.2 itself above the range.
+        tested = Version(low) <= Version(Version(version).public) <= Version(high)
     except InvalidVersion:
         tested = False
     if tested:

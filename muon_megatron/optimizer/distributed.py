@@ -218,16 +218,10 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
     def _phase2_start_gather(self, bucket: Bucket, ns_inputs: list[torch.Tensor]) -> InFlight:
         """Issue the exchange that sends every shard to its owner (asynchronous). This
         rank's own shards of the matrices it owns stay off the wire, in fp32."""
-        return start_exchange(
-            [ns_inputs[i] for i in bucket.gather_send_order],
-            bucket.gather_send_blocks,
-            bucket.gather_send_peers,
-            bucket.gather_recv_peers,
-            self.grid,
-            DTYPES[self.muon_config.muon_comm_dtype],
-            self._device(),
-            bucket.tag,
-            keep=[ns_inputs[i] for i in bucket.keep_held],
+        return self._exchange(
+            bucket.gather,
+            [ns_inputs[i] for i in bucket.gather.send_order],
+            [ns_inputs[i] for i in bucket.keep_held],
         )
 
     def _phase2_finish_gather(self, bucket: Bucket, flight: InFlight) -> torch.Tensor:
@@ -236,7 +230,7 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         recv = flight.wait("Muon gather exchange")
         buffer = torch.empty(bucket.owned_numel, dtype=torch.float32, device=self._device())
         if bucket.owned_numel:
-            sources = list(recv.split(bucket.gather_recv_blocks)) + flight.keep
+            sources = list(recv.split(bucket.gather.recv_blocks)) + flight.keep
             torch._foreach_copy_(
                 list(buffer.split(bucket.blocks)), [sources[i] for i in bucket.assemble_from]
             )
@@ -274,24 +268,22 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         """Issue the exchange returning each rank its slice of the update (asynchronous);
         the owner's own slices stay off the wire, in fp32."""
         views = list(buffer.split(bucket.blocks)) if bucket.owned_numel else []
-        bound = self._bound[id(bucket)]
-        return start_exchange(
-            [views[k] for k in bucket.scatter_send_order],
-            bucket.scatter_send_blocks,
-            bucket.scatter_send_peers,
-            bucket.scatter_recv_peers,
-            self.grid,
-            DTYPES[self.muon_config.muon_comm_dtype],
-            self._device(),
-            bucket.tag + 1,
-            keep=[views[bucket.scatter_keep[i]] for i in bound.kept],
+        kept = self._bound[id(bucket)].kept
+        return self._exchange(
+            bucket.scatter,
+            [views[k] for k in bucket.scatter.send_order],
+            [views[bucket.scatter_keep[i]] for i in kept],
         )
+
+    def _exchange(self, exchange, pieces: list[torch.Tensor], keep: list) -> InFlight:
+        dtype = DTYPES[self.muon_config.muon_comm_dtype]
+        return start_exchange(pieces, exchange, self.grid, dtype, self._device(), keep)
 
     def _phase4_finish_scatter(self, bucket: Bucket, flight: InFlight) -> None:
         """Wait for the scatter; p <- p (1 - lr wd) - lr u on every main shard, foreach per
         param group."""
         recv = flight.wait("Muon scatter exchange", dtype=torch.float32)
-        sources = list(recv.split(bucket.scatter_recv_blocks)) + flight.keep
+        sources = list(recv.split(bucket.scatter.recv_blocks)) + flight.keep
         for gi, params, positions in self._bound[id(bucket)].apply:
             group = self.optimizer.param_groups[gi]
             apply_updates_foreach_(

@@ -144,39 +144,34 @@ Peers = list[tuple[int, int]]
 
 def start_exchange(
     pieces: list[torch.Tensor],
-    send_blocks: list[int],
-    send_peers: Peers,
-    recv_peers: Peers,
+    exchange,
     grid: Grid,
     dtype: torch.dtype,
     device: torch.device,
-    tag: int,
-    keep=None,
+    keep: list | None = None,
 ) -> InFlight:
-    """Issue (asynchronously) one sparse exchange over the grid: `pieces` (1-D, of sizes
-    `send_blocks`, peers' payloads one after another) go to the members of `send_peers` in
-    `dtype`, and the receive buffer takes each member of `recv_peers` its elements.
+    """Issue (asynchronously) one direction of a bucket's exchange (`bucket.Exchange`):
+    `pieces` (1-D, `exchange.send_blocks` in size, peers' payloads one after another) go to
+    `exchange.send_peers` in `dtype`, and the receive buffer takes each member of
+    `exchange.recv_peers` its elements.
 
     Only pairs with something to send communicate: a batch of point-to-point sends and
     receives on the grid's group (NCCL runs a batch as one grouped launch on the group's
     communicator, in order with the group's other work), so its latency grows with the
     peers a rank really has, not with the grid. Copies into the send buffer in one foreach
     launch."""
-    send = torch.empty(sum(send_blocks), dtype=dtype, device=device)
+    send = torch.empty(sum(exchange.send_blocks), dtype=dtype, device=device)
     if pieces:
-        torch._foreach_copy_(list(send.split(send_blocks)), pieces)
-    recv = torch.empty(sum(n for _, n in recv_peers), dtype=dtype, device=device)
+        torch._foreach_copy_(list(send.split(exchange.send_blocks)), pieces)
+    recv = torch.empty(sum(n for _, n in exchange.recv_peers), dtype=dtype, device=device)
     ops = []
-    offset = 0
-    for g, n in send_peers:
-        ops.append(dist.P2POp(dist.isend, send[offset : offset + n], grid.ranks[g],
-                              grid.group, tag))
-        offset += n
-    offset = 0
-    for g, n in recv_peers:
-        ops.append(dist.P2POp(dist.irecv, recv[offset : offset + n], grid.ranks[g],
-                              grid.group, tag))
-        offset += n
+    for buffer, peers, op in ((send, exchange.send_peers, dist.isend),
+                              (recv, exchange.recv_peers, dist.irecv)):
+        offset = 0
+        for g, n in peers:
+            ops.append(dist.P2POp(op, buffer[offset : offset + n], grid.ranks[g], grid.group,
+                                  exchange.tag))
+            offset += n
     works = dist.batch_isend_irecv(ops) if ops else []
     return InFlight(works, send, recv, grid.group, [] if keep is None else keep)
 

@@ -20,6 +20,7 @@ from muon_megatron.ops.newton_schulz import ns_flops
 from muon_megatron.optimizer.ownership import assign_owners
 from muon_megatron.routing.rules import canonical_name
 from muon_megatron.routing.splits import MatrixSplit, ModelShape, matrix_split
+from muon_megatron.routing.tp_layout import TPLayouts
 
 __all__ = ["MuonMatrix", "plan_matrices", "make_buckets"]
 
@@ -63,17 +64,19 @@ def plan_matrices(opt: DistributedOptimizer, group_of: dict, is_muon: Callable) 
     names = _param_names(opt.model_chunks)
     matrices: list[MuonMatrix] = []
     shape_args = asdict(ModelShape.from_transformer_config(model_config))
+    # The TP layout comes from the module that owns each param (how megatron-core built it),
+    # not from its attributes, which Transformer Engine sets wrongly (routing/tp_layout.py).
+    tp_layouts = TPLayouts(opt.model_chunks, opt.grid.tp_size)
     for buffer in opt.buffers:
         for param in buffer.params:
             if param not in group_of or not is_muon(names[param], param):
                 continue
             name = names[param]
-            partitioned = getattr(param, "tensor_model_parallel", False)
             split = matrix_split(
                 name,
                 param.shape,
                 tp_size=opt.grid.tp_size,
-                tp_partition_dim=param.partition_dim if partitioned else None,
+                tp_partition_dim=tp_layouts.of(name, param).partition_dim,
                 muon_config=opt.muon_config,
                 **shape_args,
             )
@@ -91,6 +94,7 @@ def plan_matrices(opt: DistributedOptimizer, group_of: dict, is_muon: Callable) 
                     cost=float(cost),
                 )
             )
+    tp_layouts.raise_undetermined()
     # What each grid member already holds of a matrix stays there if it owns it.
     held = [
         {g: m.shard_numel(d) for g, (t, d) in enumerate(opt.grid.coords) if m.sends_from(t)}

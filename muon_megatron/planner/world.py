@@ -83,5 +83,6 @@ def build_rank(args: argparse.Namespace, world_size: int, rank: int, layout: Ran
             muon_config_from_args(args),
             use_gloo_process_groups=False,
             tp_groups_of=layout.tp_group_of,
+            report_routing=False,  # a fake rank: the plan's own report says what matters
         )
     return model, optimizer

@@ -6,13 +6,17 @@ AdamW; every other 2-D weight is a Muon matrix, MLA's projections included (each
 `linear_q_proj` or `linear_q_down_proj` / `linear_q_up_proj`, `linear_kv_down_proj`,
 `linear_kv_up_proj`; their `q_layernorm` / `kv_layernorm` are norms). The shared experts'
 gate (`shared_experts.gate_weight`, [1, hidden]) is a vector stored as a matrix: AdamW.
-`muon_param_rule(muon_config)` is the predicate for a config (`--muon-router-optimizer`).
+`muon_param_rule(muon_config)` is the predicate for a config (`--muon-router-optimizer`,
+`--muon-include` / `--muon-exclude` name patterns); `route_reason` says where the rules send a
+parameter and why (the routing table's words), and which 2-D weights they do not recognise
+(not a Megatron layer they know: the default rule makes them whole Muon matrices).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from fnmatch import fnmatchcase
 from typing import Literal
 
 import torch
@@ -28,6 +32,7 @@ __all__ = [
     "muon_param_rule",
     "param_kind",
     "require_matrix",
+    "route_reason",
 ]
 
 # Substrings of parameter names that always stay on AdamW, whatever their shape
@@ -68,7 +73,10 @@ def is_router_weight(name: str) -> bool:
 def muon_param_rule(muon_config: MuonConfig) -> Callable[[str, torch.Tensor], bool]:
     """The routing predicate for `muon_config`: `is_muon_param`, with the router weight on
     Muon when `muon_router_optimizer == 'muon'` (the Moonlight report compares the router's
-    singular values under Muon and AdamW, arXiv 2502.16982 figure 10)."""
+    singular values under Muon and AdamW, arXiv 2502.16982 figure 10), and the parameters
+    matching `muon_include` / `muon_exclude` sent to Muon / AdamW (`route_reason`)."""
+    if muon_config.muon_include or muon_config.muon_exclude:
+        return lambda name, param: route_reason(name, param, muon_config)[0]
     if muon_config.muon_router_optimizer == "adamw":
         return is_muon_param
 
@@ -78,6 +86,59 @@ def muon_param_rule(muon_config: MuonConfig) -> Callable[[str, torch.Tensor], bo
         return is_muon_param(name, param)
 
     return is_muon_param_router_on_muon
+
+
+# The 2-D weights of the Megatron layers the rules know (Muon by default): attention, MLA,
+# dense and expert MLPs (SequentialMLP, TEGroupedMLP's weight{e}, GroupedMLP), MoE latents.
+_KNOWN_MATRIX = re.compile(
+    r"\.(linear_(qkv|proj|fc1|fc2|q_proj|q_down_proj|q_up_proj|kv_down_proj|kv_up_proj)"
+    r"|fc[12]_latent_proj)\.weight\d*$|\.experts\.weight[12]$"
+)
+# Why an ADAMW_NAME_PARTS part keeps a 2-D parameter on AdamW.
+_ADAMW_WHY = {
+    "embedding": "embedding",
+    "output_layer": "output layer",
+    "router": "MoE router (--muon-router-optimizer adamw)",
+    "norm": "norm",
+    "shared_experts.gate_weight": "shared-expert gate (one row)",
+}
+
+
+def route_reason(name: str, param: torch.Tensor, muon_config: MuonConfig) -> tuple[bool, str]:
+    """(Muon?, why) for a parameter under `muon_config`'s rules: a name pattern of
+    `muon_exclude` (AdamW) or `muon_include` (Muon; ValueError for a parameter that is not
+    2-D, or matched by both), else `muon_param_rule`'s defaults. The reason of a 2-D weight
+    the rules do not recognise starts with 'unrecognised'."""
+    name = canonical_name(name)
+    exclude = [p for p in muon_config.muon_exclude if fnmatchcase(name, p)]
+    include = [p for p in muon_config.muon_include if fnmatchcase(name, p)]
+    if include and exclude:
+        raise ValueError(
+            f"{name} matches --muon-include {include[0]!r} and --muon-exclude {exclude[0]!r}: "
+            "make the patterns disjoint."
+        )
+    if exclude:
+        return False, f"--muon-exclude {exclude[0]!r}"
+    if include:
+        if param.ndim != 2:
+            raise ValueError(
+                f"--muon-include {include[0]!r} matches {name} of shape {tuple(param.shape)}: "
+                "Muon needs a 2-D weight; narrow the pattern."
+            )
+        return True, f"--muon-include {include[0]!r}"
+    if is_router_weight(name) and param.ndim == 2:
+        if muon_config.muon_router_optimizer == "muon":
+            return True, "MoE router (--muon-router-optimizer muon)"
+    if name.endswith("bias"):
+        return False, "bias"
+    part = next((part for part in ADAMW_NAME_PARTS if part in name), None)
+    if part is not None:
+        return False, _ADAMW_WHY[part]
+    if param.ndim != 2:
+        return False, f"{param.ndim}-D"
+    if _KNOWN_MATRIX.search(name):
+        return True, "hidden weight"
+    return True, "unrecognised 2-D weight: Muon by the default rule"
 
 
 def require_matrix(name: str, shape: tuple[int, ...] | torch.Size) -> None:

@@ -82,7 +82,8 @@ class ModelSpec:
     moe_router_topk: int = 2
     moe_ffn_hidden_size: int = 64
     moe_grouped_gemm: bool = False
-    """True: megatron's legacy `GroupedMLP` (one fused weight per layer, bf16 only);
+    """True: megatron's legacy `GroupedMLP` with the local layers (one fused weight per
+    layer, bf16 only), `TEGroupedMLP` with Transformer Engine's (one weight per expert);
     False: `SequentialMLP` (one `MLP` per expert)."""
     moe_token_dispatcher_type: DispatcherType = "allgather"
     share_embeddings_and_output_weights: bool = True
@@ -99,6 +100,9 @@ class ModelSpec:
     v_head_dim: int = 16
     qk_layernorm: bool = False
     """With MLA: q_layernorm / kv_layernorm on the latents."""
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    """megatron-core's layer spec: its local layers, or Transformer Engine's (which must be
+    importable: the real one on a GPU node, the tests' CPU stand-in in their processes)."""
 
 
 @dataclass
@@ -124,7 +128,7 @@ class Layout:
         """Raise ValueError, naming the fix, if `spec` cannot run under this layout (the
         training entry's own layout checks, plus the harness's GroupedMLP limit)."""
         errors = layout_errors(megatron_args(spec, self), world_size)
-        if spec.moe_grouped_gemm and not spec.bf16:
+        if spec.moe_grouped_gemm and not spec.bf16 and spec.transformer_impl == "local":
             errors.append("megatron's GroupedMLP is bf16 only: set ModelSpec(bf16=True)")
         if errors:
             raise ValueError(f"{spec} cannot run under {self}:\n  " + "\n  ".join(errors))
@@ -152,7 +156,7 @@ def megatron_argv(spec: ModelSpec, layout: Layout, seed: int = 0) -> list[str]:
         "--hidden-dropout=0",
         "--attention-dropout=0",
         f"--init-method-std={spec.init_method_std}",
-        "--transformer-impl=local",
+        f"--transformer-impl={spec.transformer_impl}",
         f"--seed={seed}",
     ]
     if not spec.multi_latent_attention:

@@ -43,20 +43,18 @@ class _Probe:
             self.ns_matrices += batch
             return ns(x, *args, **kwargs)
 
-        def start_exchange(pieces, send_blocks, send_peers, recv_peers, grid, dtype, device,
-                           tag, keep=None):
+        def start_exchange(pieces, exchange, grid, dtype, device, keep=None):
             import torch
 
             self.a2a.append({
-                "send_numel": sum(send_blocks),
-                "recv_numel": sum(n for _, n in recv_peers),
+                "send_numel": sum(exchange.send_blocks),
+                "recv_numel": sum(exchange.recv_blocks),
                 "comm_bytes": torch.empty(0, dtype=dtype).element_size(),
                 "grid_size": grid.size,
             })
             t0 = time.perf_counter()
             try:
-                return a2a(pieces, send_blocks, send_peers, recv_peers, grid, dtype, device,
-                           tag, keep)
+                return a2a(pieces, exchange, grid, dtype, device, keep)
             finally:
                 self.a2a_seconds += time.perf_counter() - t0
 

@@ -27,7 +27,10 @@ def verify_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experts", type=int, default=None, help="MoE with this many experts")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dispatcher", choices=("allgather", "alltoall"), default="allgather")
-    parser.add_argument("--grouped-gemm", action="store_true", help="GroupedMLP experts")
+    parser.add_argument("--grouped-gemm", action="store_true",
+                        help="grouped experts: GroupedMLP (local), TEGroupedMLP (TE)")
+    parser.add_argument("--transformer-impl", choices=("local", "transformer_engine"),
+                        default="local", help="megatron-core's layer spec (TE needs TE installed)")
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="bf16 params, fp32 main params")
     parser.add_argument(
@@ -66,6 +69,9 @@ def _verify(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.ep > 1 and not args.experts:
         parser.error(f"--ep {args.ep} needs --experts N (a MoE model).")
+    if args.transformer_impl == "transformer_engine" and not _importable("transformer_engine"):
+        parser.error("--transformer-impl transformer_engine: Transformer Engine is not "
+                     "installed here; run on a GPU node that has it, or use local.")
     cfg = muon_config_from_args(args)  # bad --muon-* values stop here, before megatron loads
     from muon_megatron.testing.tiny import Layout, ModelSpec
     from muon_megatron.tools.verify import VerifySpec, run_verify
@@ -79,6 +85,7 @@ def _verify(argv: Sequence[str]) -> int:
         moe_token_dispatcher_type=args.dispatcher,
         moe_grouped_gemm=args.grouped_gemm,
         bf16=args.bf16,
+        transformer_impl=args.transformer_impl,
         **(MLA_MODEL if args.mla else {}),
     )
     spec = VerifySpec(layout=layout, dp=args.dp, model=model, steps=args.steps)
@@ -104,6 +111,12 @@ def _verify(argv: Sequence[str]) -> int:
         f"tolerance={result['tolerances'][worst]:.2e} layout={result['layout']}"
     )
     return 0 if result["within_tolerance"] else 1
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _demo(argv: Sequence[str]) -> int:

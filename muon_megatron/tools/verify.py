@@ -160,6 +160,8 @@ class VerifySpec:
             parts.append(f"ETP{lay.etp}")
         if model.num_experts:
             parts.append(f"experts{model.num_experts}-{model.moe_token_dispatcher_type}")
+        if model.transformer_impl != "local":
+            parts.append(model.transformer_impl)
         return "x".join(parts)
 
 

@@ -59,14 +59,10 @@ def _topk_scaling_factor(text: str) -> float | str:
 
 
 FUSION_FLAGS = (
-    "no-bias-gelu-fusion",
-    "no-bias-swiglu-fusion",
-    "no-bias-dropout-fusion",
-    "no-masked-softmax-fusion",
-    "no-rope-fusion",
-    "no-gradient-accumulation-fusion",
+    "no-bias-gelu-fusion", "no-bias-swiglu-fusion", "no-bias-dropout-fusion",
+    "no-masked-softmax-fusion", "no-rope-fusion", "no-gradient-accumulation-fusion",
     "no-persist-layer-norm",
-)
+)  # fmt: skip
 """Megatron-LM's switches for its fused kernels, which it turns on by default on GPU."""
 
 
@@ -85,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
                    help="Default: the tensor-parallel size (as in Megatron-LM).")
-    g.add_argument("--context-parallel-size", type=int, default=1,
-                   help="Context parallelism: taken by `muon-megatron plan`; the training "
-                   "entry's local attention does not support it (refused above 1).")
+    g.add_argument("--context-parallel-size", type=int, default=1, help="Refused above 1.")
+    for vpp in ("layers-per-virtual-pipeline-stage", "virtual-stages-per-pipeline-rank"):
+        g.add_argument(f"--num-{vpp}", type=int, default=None, help="Refused (interleaving).")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
@@ -273,6 +269,12 @@ def layout_errors(args: argparse.Namespace, world_size: int) -> list[str]:
             errors.append(message)
 
     need(cp >= 1, f"--context-parallel-size {cp} must be >= 1")
+    vpp = args.num_layers_per_virtual_pipeline_stage or args.num_virtual_stages_per_pipeline_rank
+    if args.optimizer == "muon":  # get_muon_optimizer's own refusals, before any process starts
+        from muon_megatron.optimizer.builder import parallelism_errors
+        errors.extend(parallelism_errors(2 if vpp else 1, cp))
+    elif vpp:
+        errors.append("--num-*-virtual-*: the training entry builds one model chunk; drop it")
     need(world_size % (tp * pp * cp) == 0,
          f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
     dp = world_size // (tp * pp * cp) if world_size % (tp * pp * cp) == 0 else 1
@@ -358,9 +360,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
          f"--global-batch-size {args.global_batch_size} must be a multiple of "
          f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dp}")
     need(not args.fp16, "--fp16 is not supported with muon-megatron; use --bf16")
-    need(args.context_parallel_size == 1,
-         f"--context-parallel-size {args.context_parallel_size}: the training entry's local "
-         "attention does not support context parallelism; use 1 (`muon-megatron plan` takes it)")
+    need(args.context_parallel_size == 1, f"--context-parallel-size {args.context_parallel_size}:"
+         " the training entry's local attention does not support context parallelism; use 1")
     need(args.data_path is not None or (args.vocab_size or VOCAB_SIZE) >= VOCAB_SIZE,
          f"--vocab-size {args.vocab_size} is below the byte tokenizer's {VOCAB_SIZE}")
     errors.extend(data_errors(args))

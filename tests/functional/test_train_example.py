@@ -59,9 +59,13 @@ def test_loss_falls_under_tp2_ep2_moe(optimizer: str, tmp_path: pathlib.Path) ->
         assert stdout.count("[muon plan] per step on H100 SXM: Newton-Schulz ideal") == 1
         assert "[muon plan] dense TP2xDP2" in stdout
         assert stdout.index("[muon plan]") < stdout.index(" iteration ")
+        # The routing table, printed once by rank 0 when the optimizer is built.
+        assert stdout.count(" Muon params (") == 1
+        assert "experts.linear_fc1.weight: gate,up" in stdout
+        assert stdout.index("[muon routing]") < stdout.index(" iteration ")
     else:
         assert all(r["update_rms"] is None for r in log["iterations"])
-        assert "[muon plan]" not in stdout
+        assert "[muon plan]" not in stdout and "[muon routing]" not in stdout
     assert " iteration       30/      30 |" in stdout and "lm loss:" in stdout
 
 

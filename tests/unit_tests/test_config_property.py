@@ -25,7 +25,7 @@ import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from muon_megatron.config import REFUSED_SCALE_MODES, MuonConfig
+from muon_megatron.config import REFUSED_SCALE_MODES, MuonConfig, NamePatterns
 from muon_megatron.reference import ModelShape, Muon
 
 FIELDS = {f.name: f for f in dataclasses.fields(MuonConfig)}
@@ -58,6 +58,14 @@ PROPERTY = settings(
 )
 
 WRONG_TYPES = st.sampled_from([None, "1", "", [1], (0.5,)])
+# Name patterns that match only 2-D weights of MODEL (or nothing), include and exclude from
+# disjoint pools: a pattern matching a 1-D param, or both flags matching one param, is
+# refused when the optimizer is built (routing.rules.route_reason), not by MuonConfig.
+PATTERNS = {
+    "muon_include": ["*.mlp.router.weight", "embedding.*", "*.nothing"],
+    "muon_exclude": ["*.linear_proj.weight", "*.mlp.linear_fc*", "nothing.else"],
+}
+BAD_PATTERNS = st.sampled_from([("",), (" *.x",), ("*.x", "*.x"), ["*.x"], ("*.x", 1), "*.x"])
 ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True)
 
 
@@ -71,6 +79,8 @@ def _values(name: str) -> st.SearchStrategy:
     hint = HINTS[name]
     if hint is bool:
         return st.one_of(st.booleans(), st.sampled_from([0, 1, 1.0]), WRONG_TYPES)
+    if hint == NamePatterns:
+        return st.one_of(_inside(name), BAD_PATTERNS, WRONG_TYPES)
     if typing.get_origin(hint) is typing.Literal:
         choices = typing.get_args(hint)
         odd = [*REFUSED_SCALE_MODES, choices[0].upper(), 0, True]
@@ -94,6 +104,8 @@ def _inside(name: str) -> st.SearchStrategy:
     hint = HINTS[name]
     if hint is bool:
         return st.booleans()
+    if hint == NamePatterns:
+        return st.lists(st.sampled_from(PATTERNS[name]), unique=True, max_size=2).map(tuple)
     if typing.get_origin(hint) is typing.Literal:
         return st.sampled_from(typing.get_args(hint))
     bounds = FIELDS[name].metadata["bounds"]

@@ -103,7 +103,9 @@ def test_builder_passes_on_or_refuses_megatron_keywords(monkeypatch) -> None:
         seen.update(dump=dump_param_to_param_group_map)
         raise RuntimeError("built")
 
-    ddp = types.SimpleNamespace(ddp_config=types.SimpleNamespace())
+    ddp = types.SimpleNamespace(
+        ddp_config=types.SimpleNamespace(), config=types.SimpleNamespace(context_parallel_size=1)
+    )
     config = _ok_optimizer_config()
     monkeypatch.setattr(mcore_optimizer, "get_megatron_optimizer", fake_get_megatron_optimizer)
     with pytest.raises(RuntimeError, match="built"):

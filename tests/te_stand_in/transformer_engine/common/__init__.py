@@ -1,0 +1,3 @@
+"""`transformer_engine.common`: only `recipe`, which megatron-core subclasses at import."""
+
+from . import recipe  # noqa: F401
