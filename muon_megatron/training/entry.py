@@ -39,6 +39,11 @@ from typing import Any
 
 import torch
 
+from muon_megatron.runtime.optional_packages import (
+    MISSING_PACKAGE_WARNINGS,
+    missing_packages_line,
+    quiet_missing_package_warnings,
+)
 from muon_megatron.training.args import build_parser, default_world_size, validate_args
 from muon_megatron.training.indexed_data import resolve_vocabulary
 from muon_megatron.training.outputs import plot_losses, trailing_mean, write_outputs
@@ -49,8 +54,18 @@ __all__ = ["build_parser", "main", "run", "plot_losses", "trailing_mean"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse Megatron-LM-style flags and train; returns a process exit code."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    announce_missing_packages()
     summary = launch(args)
     return 0 if summary is not None and math.isfinite(summary["final_loss"]) else 1
+
+
+def announce_missing_packages() -> None:
+    """Silence megatron-core's missing-package warnings in this process and, on the launching
+    process (rank 0 under torchrun), print the one line that names what is missing."""
+    quiet_missing_package_warnings()
+    line = missing_packages_line()
+    if line and os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
 
 
 def launch(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -76,8 +91,7 @@ def launch(args: argparse.Namespace) -> dict[str, Any] | None:
 # Warnings every CPU rank prints at import or on every step that say nothing about the run
 # (no Transformer Engine / Apex on CPU, torch deprecations inside megatron-core).
 _CPU_NOISE = (
-    "ignore:Transformer Engine and Apex are not installed",
-    "ignore:Apex is not installed",
+    *(f"ignore:{message}" for message in MISSING_PACKAGE_WARNINGS),
     "ignore:`torch.distributed.all_gather_into_tensor` is deprecated",
     "ignore:`torch.distributed.reduce_scatter_tensor` is deprecated",
     "ignore:The .grad attribute of a Tensor that is not a leaf Tensor",
