@@ -16,15 +16,10 @@ from typing import Any
 from muon_megatron.megatron_lm.arguments import add_muon_config_args, muon_config_from_args
 from muon_megatron.training.data import VOCAB_SIZE
 from muon_megatron.training.indexed_data import add_data_args, data_errors
+from muon_megatron.training.writers import add_writer_args, writer_errors
 
-__all__ = [
-    "build_parser",
-    "layout_errors",
-    "validate_args",
-    "default_world_size",
-    "moe_layer_pattern",
-    "model_dims",
-]
+__all__ = ["build_parser", "layout_errors", "validate_args", "default_world_size",
+           "moe_layer_pattern", "model_dims"]
 
 
 def _moe_layer_freq(text: str) -> int | list[int]:
@@ -220,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
 
-    add_data_args(p)
-    add_muon_config_args(p)
+    for add in (add_writer_args, add_data_args, add_muon_config_args):
+        add(p)
     return p
 
 
@@ -364,7 +359,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
          " the training entry's local attention does not support context parallelism; use 1")
     need(args.data_path is not None or (args.vocab_size or VOCAB_SIZE) >= VOCAB_SIZE,
          f"--vocab-size {args.vocab_size} is below the byte tokenizer's {VOCAB_SIZE}")
-    errors.extend(data_errors(args))
+    errors.extend(data_errors(args) + writer_errors(args))
     decay = args.lr_decay_iters or args.train_iters
     need(args.lr_warmup_iters < decay,
          f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay iterations "

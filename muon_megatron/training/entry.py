@@ -21,9 +21,10 @@ What one run does, rank by rank:
 * data: `--data-path` (Megatron's indexed datasets through megatron-core's GPTDataset,
   `training.indexed_data`), or by default the stdlib sources as bytes (`training.data`);
   each DP rank reads its own rows.
-* output: Megatron-style log lines on rank 0; `<output-dir>/<optimizer>.json` (every
-  iteration's loss, lr, grad norm, update RMS, throughput, the validation losses and the
-  arguments) and `<output-dir>/loss_<optimizer>.png`.
+* output: Megatron-style log lines on rank 0; TensorBoard / wandb scalars with
+  `--tensorboard-dir` / `--wandb-project` (`training.writers`); `<output-dir>/<optimizer>.json`
+  (every iteration's loss, lr, grad norm, update RMS, throughput, the validation losses and
+  the arguments) and `<output-dir>/loss_<optimizer>.png`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from muon_megatron.runtime.optional_packages import (
 from muon_megatron.training.args import build_parser, default_world_size, validate_args
 from muon_megatron.training.indexed_data import resolve_vocabulary
 from muon_megatron.training.outputs import plot_losses, trailing_mean, write_outputs
+from muon_megatron.training.writers import Writers
 
 __all__ = ["build_parser", "main", "run", "plot_losses", "trailing_mean"]
 
@@ -186,9 +188,13 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         )
         log["parameters_rank0"] = local
 
+    writers = Writers(args) if rank == 0 else None
+
     def evaluate_and_print(iteration: int) -> None:
         val = step.evaluate(args, model, lambda i: batch("valid", i))
         log["validation"].append({"iteration": iteration, "loss": val})
+        if writers is not None:
+            writers.validation(val, iteration)
         if rank == 0:
             print(f" validation loss at iteration {iteration:6d} | lm loss: {val:.6E} |"
                   f" lm loss PPL: {math.exp(min(val, 50.0)):.6E}", flush=True)
@@ -227,6 +233,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             if qk_clip.clip:
                 record["qk_clipped_heads"] = clip_stats.clipped_heads
         log["iterations"].append(record)
+        if writers is not None:
+            writers.training(record, args.global_batch_size)
         if iteration % args.log_interval == 0 or iteration in (start + 1, args.train_iters):
             if rank == 0:
                 per_iter = interval_time / interval_iters
@@ -250,6 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     log["wall_seconds"] = time.perf_counter() - t_start
     if rank != 0:
         return None
+    writers.close()
     return write_outputs(args, log)
 
 

@@ -59,7 +59,7 @@ def _flags(tokenizer: str, data_path: list[str], out: pathlib.Path) -> list[str]
         "--eval-interval", str(STEPS), "--eval-iters", "2",
         "--data-path", *data_path, "--split", "90,10,0",
         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer,
-        "--output-dir", str(out),
+        "--output-dir", str(out), "--tensorboard-dir", str(out / "tensorboard"),
     ]
 
 
@@ -69,7 +69,8 @@ def test_loss_falls_at_dp2_on_a_blend_of_indexed_datasets(
     """Two processes (DP 2), a 0.7 / 0.3 blend of the two datasets, 90/10/0 split: the run
     reads megatron-core's datasets (the log records them and the padded vocabulary, 512 ids
     padded to 512) and the training loss falls by MIN_FALL; the final validation loss is
-    finite and below the first training losses."""
+    finite and below the first training losses; with tensorboard installed, the event file
+    (--tensorboard-dir) holds the same losses."""
     tokenizer, (a, b) = corpus
     proc = _run(_flags(tokenizer, ["0.7", a, "0.3", b], tmp_path))
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
@@ -85,6 +86,16 @@ def test_loss_falls_at_dp2_on_a_blend_of_indexed_datasets(
     first, last = sum(losses[:WINDOW]) / WINDOW, sum(losses[-WINDOW:]) / WINDOW
     assert last < first - MIN_FALL, (first, last, losses)
     assert log["validation"] and log["validation"][-1]["loss"] < first
+    if importlib.util.find_spec("tensorboard") is not None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / "tensorboard"))
+        events.Reload()
+        written = [e.value for e in events.Scalars("lm loss")]
+        # The event file holds float32: the JSON log's losses to float32 precision.
+        assert written == pytest.approx(losses, rel=1e-6)
+        assert [e.step for e in events.Scalars("lm loss validation")] == [
+            v["iteration"] for v in log["validation"]]
 
 
 def test_a_missing_dataset_is_refused_before_any_process_starts(
