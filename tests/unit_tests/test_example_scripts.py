@@ -200,7 +200,8 @@ def test_megatron_lm_parses_and_validates_the_script_for_its_world_size(
     muon, adam = json.loads(proc.stdout.split("RESULTS", 1)[1])
     tp_pp = {"h100_single_node_moe.sh": 2 * 1, "moonlight_multinode.sbatch": 1 * 2}[script]
     assert muon["data_parallel_size"] == adam["data_parallel_size"] == world // tp_pp
-    assert muon["data_path"] == DATA_PATH.split() and muon["tokenizer_type"] == "HuggingFaceTokenizer"
+    assert muon["data_path"] == DATA_PATH.split()
+    assert muon["tokenizer_type"] == "HuggingFaceTokenizer"
     assert muon["save"] == muon["load"] and muon["tensorboard_dir"]
     assert muon["transformer_impl"] == "transformer_engine"
     assert (muon["optimizer"], muon["muon_momentum"]) == ("muon", 0.95)

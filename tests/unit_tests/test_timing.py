@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from muon_megatron.megatron_lm.metrics import logging_muon_timers
-from muon_megatron.optimizer.timing import MUON_TIMERS, PhaseTimer, muon_timer_names, with_muon_timers
+from muon_megatron.optimizer.timing import (
+    MUON_TIMERS,
+    PhaseTimer,
+    muon_timer_names,
+    with_muon_timers,
+)
 
 # The head of Megatron-LM's level-1 list in training_log (core_v0.16.1 training.py 1828-1841).
 TRAINING_LOG = ["forward-backward", "optimizer-inner-step", "optimizer", "batch-generator"]

@@ -94,7 +94,8 @@ def test_without_tensorboard_the_run_goes_on_with_a_warning(monkeypatch, capsys)
 
 
 def test_wandb_flags_are_checked_with_the_fix(monkeypatch) -> None:
-    assert "needs --wandb-exp-name" in writer_errors(_args("--wandb-project", "p", "--save", "s"))[0]
+    no_name = writer_errors(_args("--wandb-project", "p", "--save", "s"))
+    assert "needs --wandb-exp-name" in no_name[0]
     assert "--wandb-save-dir or --save" in " ".join(
         writer_errors(_args("--wandb-project", "p", "--wandb-exp-name", "e")))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
@@ -103,7 +104,8 @@ def test_wandb_flags_are_checked_with_the_fix(monkeypatch) -> None:
                       "--wandb-project"]
     with pytest.raises(ValueError, match="wandb is not installed"):
         validate_args(_args("--wandb-project", "p", "--wandb-exp-name", "e", "--save", "s"), 1)
-    assert "--tensorboard-log-interval 0" in writer_errors(_args("--tensorboard-log-interval", "0"))[0]
+    interval = writer_errors(_args("--tensorboard-log-interval", "0"))
+    assert "--tensorboard-log-interval 0" in interval[0]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
