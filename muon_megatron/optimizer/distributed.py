@@ -185,10 +185,8 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         if self.skip_nonfinite_step():
             return False
         if not self.is_stub_optimizer and self._pipeline_members is not None:
-            timer = PhaseTimer(getattr(self.config, "timers", None),
-                               getattr(self.config, "barrier_with_L1_time", False))
-            with timer("muon-step"):
-                run_pipeline(self._pipeline_members, timer=timer)
+            with PhaseTimer.of(self)("muon-step"):
+                run_pipeline(self._pipeline_members)
         return super().step_with_ready_grads()
 
     # The four phases of one bucket; `optimizer.pipeline.run_pipeline` interleaves them.

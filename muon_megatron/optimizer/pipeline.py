@@ -42,15 +42,14 @@ def interleave(members: list[Any]) -> list[tuple[Any, Any]]:
     return [item for row in itertools.zip_longest(*lanes) for item in row if item is not None]
 
 
-def run_pipeline(members: list[Any], trace: list | None = None,
-                 timer: PhaseTimer | None = None) -> int:
+def run_pipeline(members: list[Any], trace: list | None = None) -> int:
     """Run the Muon phases of every bucket of `members` (MuonDistributedOptimizers of this
-    rank, in chain order), pipelined, each phase under `timer` (Megatron's level-2 timers,
-    `optimizer.timing`). Returns the most bytes the step held at once: the exchanges in
+    rank, in chain order), pipelined, each phase under the first member's Megatron timers
+    (`optimizer.timing`). Returns the most bytes the step held at once: the exchanges in
     flight and the owner's buffer of the bucket being orthogonalized (Newton-Schulz's own
     work space not counted)."""
     items = interleave(members)
-    timer = timer or PhaseTimer(None)
+    timer = PhaseTimer.of(members[0]) if members else PhaseTimer(None)
     for opt in members:
         opt._begin_step()
 

@@ -50,6 +50,13 @@ class PhaseTimer:
         self.timers = timers
         self.barrier = barrier
 
+    @classmethod
+    def of(cls, optimizer: Any) -> PhaseTimer:
+        """The timers on `optimizer.config` (megatron-core's `OptimizerConfig.timers`,
+        `barrier_with_L1_time`); a no-op timer when it has none."""
+        config = getattr(optimizer, "config", None)
+        return cls(getattr(config, "timers", None), getattr(config, "barrier_with_L1_time", False))
+
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         if self.timers is None:
