@@ -61,8 +61,9 @@ FUSION_FLAGS = (
 """Megatron-LM's switches for its fused kernels, which it turns on by default on GPU."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of `examples/pretrain_moe.py` (Megatron-LM flag names)."""
+def build_parser(data: bool = True) -> argparse.ArgumentParser:
+    """The parser of `examples/pretrain_moe.py` (Megatron-LM flag names); without `data`,
+    no data / tokenizer flags (the planner, which does not model them)."""
     p = argparse.ArgumentParser(
         prog="pretrain_moe.py",
         description="Train a GPT / MoE with megatron-core on Megatron's indexed datasets "
@@ -216,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
 
     for add in (add_writer_args, add_data_args, add_muon_config_args):
-        add(p)
+        if data or add is not add_data_args:
+            add(p)
     return p
 
 
