@@ -20,6 +20,7 @@ import sys
 
 import pytest
 
+from muon_megatron.optimizer.timing import muon_timer_names
 from muon_megatron.testing.megatron_lm_run import logged_losses, megatron_lm_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -44,13 +45,15 @@ TINY = [
     "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(ITERS),
     "--lr-warmup-iters", "2", "--lr", "3e-3", "--min-lr", "3e-4", "--log-interval", "2",
     "--eval-interval", "10", "--eval-iters", "2", "--save-interval", "10", "--split", "90,10,0",
+    "--timing-log-level", "2",
 ]  # fmt: skip
 
 
 def test_h100_script_trains_on_indexed_data_through_pretrain_gpt(tmp_path: pathlib.Path) -> None:
     """The loss Megatron-LM logs falls by MIN_FALL; Muon's own line is printed; the validation
     ran; checkpoints of iterations 10 and 20 are in CHECKPOINT_DIR; with tensorboard
-    installed, TENSORBOARD_DIR holds an event file."""
+    installed, TENSORBOARD_DIR holds an event file; --timing-log-level 2's timer log lists
+    Muon's step and phases."""
     from muon_megatron.testing.indexed_corpus import stdlib_indexed_corpus
 
     tokenizer, (a, b) = stdlib_indexed_corpus(str(tmp_path / "data"))
@@ -73,6 +76,8 @@ def test_h100_script_trains_on_indexed_data_through_pretrain_gpt(tmp_path: pathl
     last = sum(losses[i] for i in steps[-3:]) / 3
     assert last < first - MIN_FALL, losses
     assert "[muon] iteration" in output and "validation loss at iteration 10" in output
+    for timer in muon_timer_names(2):
+        assert f"    {timer} ." in output, timer
     checkpoints = tmp_path / "run" / "checkpoints"
     assert {p.name for p in checkpoints.glob("iter_*")} == {"iter_0000010", "iter_0000020"}
     if importlib.util.find_spec("tensorboard") is not None:
