@@ -9,7 +9,8 @@ core_v0.16), `get_megatron_muon_optimizer` for any `--optimizer` containing "muo
 else (adam, sgd) to the original function, unchanged. It also rebinds, in the same module,
 `training_log` (Muon's metrics at `--log-interval`, `metrics.py`), `load_checkpoint`
 (optimizer switches, `checkpoints.py`), and `clip_qk` and `train_step` (`--qk-clip` with the
-ZeRO-1 main shards and the local attention, `qk_clip.py`).
+ZeRO-1 main shards and the local attention, `qk_clip.py`), and megatron-core's `Timers.log`
+/ `write` (Muon's phase timers in `--timing-log-level`'s output, `optimizer/timing.py`).
 
 `validate_args` rejects `--optimizer muon` together with `--use-distributed-optimizer`
 ("Muon optimizer does not support distributed optimizer for now"; core_v0.19 instead turns
@@ -79,18 +80,15 @@ _SUPPORTED_CKPT_FORMAT = "torch_dist"
 
 def _import_megatron_lm() -> dict[str, types.ModuleType]:
     try:
+        from megatron.core import timers
         from megatron.training import arguments, global_vars, initialize, training
     except ImportError as exc:
         raise ImportError(
             "muon_megatron.megatron_lm needs Megatron-LM's `megatron.training` package "
             "(a Megatron-LM checkout on PYTHONPATH); megatron-core alone does not ship it."
         ) from exc
-    return {
-        "training": training,
-        "initialize": initialize,
-        "arguments": arguments,
-        "global_vars": global_vars,
-    }
+    return {"training": training, "initialize": initialize, "arguments": arguments,
+            "global_vars": global_vars, "timers": timers}
 
 
 def is_installed() -> bool:
@@ -136,6 +134,8 @@ def install(*, add_args: bool = False, wrap_validate_args: bool = True) -> None:
     _rebind(training, "load_checkpoint", lambda f: checkpoints.loading_across_optimizers(f, get_args))
     _rebind(training, "clip_qk", qk_clip.clipping_with_muon)
     _rebind(training, "train_step", qk_clip.resetting_before_step)
+    for name in ("log", "write"):  # Muon's phases in --timing-log-level's output
+        _rebind(modules["timers"].Timers, name, metrics.logging_muon_timers)
 
 
 def _install_into(
