@@ -25,8 +25,10 @@ setup(
         "numpy",
     ],
     extras_require={
-        # hypothesis: the property test of MuonConfig (tests/unit_tests/test_config_property.py)
-        "test": ["pytest>=7", "hypothesis"],
+        # hypothesis: the property test of MuonConfig (tests/unit_tests/test_config_property.py);
+        # tokenizers + transformers: the --data-path tests train a BPE and load it as
+        # megatron-core's HuggingFaceTokenizer (tests/functional/test_train_indexed_data.py).
+        "test": ["pytest>=7", "hypothesis", "tokenizers", "transformers"],
         "plot": ["matplotlib"],
         # megatron-core's own Muon, for `muon-megatron bench` only. Install it with
         # `pip install --no-deps --ignore-requires-python emerging-optimizers==0.3.0 absl-py`

@@ -9,7 +9,8 @@ core_v0.16), `get_megatron_muon_optimizer` for any `--optimizer` containing "muo
 else (adam, sgd) to the original function, unchanged. It also rebinds, in the same module,
 `training_log` (metrics, `metrics.py`), `load_checkpoint` (damaged checkpoints refused,
 optimizer and EP switches, `checkpoints.py`), `clip_qk` and `train_step` (`--qk-clip`,
-`qk_clip.py`); and `dist_checkpointing.save` (each save records its files' CRC-32).
+`qk_clip.py`), megatron-core's `Timers.log` / `write` (Muon's phase timers in
+`--timing-log-level`'s output); and `dist_checkpointing.save` (each save records its CRC-32s).
 
 `validate_args` rejects `--optimizer muon` with `--use-distributed-optimizer` (core_v0.19
 turns the run into its layer-wise optimizer instead): statements about megatron-core's own
@@ -72,20 +73,15 @@ _SUPPORTED_CKPT_FORMAT = "torch_dist"
 
 def _import_megatron_lm() -> dict[str, types.ModuleType]:
     try:
-        from megatron.core import dist_checkpointing
+        from megatron.core import dist_checkpointing, timers
         from megatron.training import arguments, global_vars, initialize, training
     except ImportError as exc:
         raise ImportError(
             "muon_megatron.megatron_lm needs Megatron-LM's `megatron.training` package "
             "(a Megatron-LM checkout on PYTHONPATH); megatron-core alone does not ship it."
         ) from exc
-    return {
-        "dist_checkpointing": dist_checkpointing,
-        "training": training,
-        "initialize": initialize,
-        "arguments": arguments,
-        "global_vars": global_vars,
-    }
+    return {"training": training, "initialize": initialize, "arguments": arguments,
+            "global_vars": global_vars, "timers": timers, "dist_checkpointing": dist_checkpointing}
 
 
 def is_installed() -> bool:
@@ -132,6 +128,8 @@ def install(*, add_args: bool = False, wrap_validate_args: bool = True) -> None:
     _rebind(modules["dist_checkpointing"], "save", checkpoints.recording_checksums)
     _rebind(training, "clip_qk", qk_clip.clipping_with_muon)
     _rebind(training, "train_step", qk_clip.resetting_before_step)
+    for name in ("log", "write"):  # Muon's phases in --timing-log-level's output
+        _rebind(modules["timers"].Timers, name, metrics.logging_muon_timers)
 
 
 def _install_into(

@@ -23,10 +23,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from muon_megatron.optimizer.timing import with_muon_timers
+
 __all__ = [
     "built_optimizer",
     "format_muon_log_line",
     "logging_muon_metrics",
+    "logging_muon_timers",
     "print_plan_summary",
     "remember_optimizer",
 ]
@@ -113,3 +116,15 @@ def _report(iteration: int, optimizer: Any) -> None:
     wandb_writer = global_vars.get_wandb_writer()
     if wandb_writer is not None:
         wandb_writer.log(metrics, iteration)
+
+
+def logging_muon_timers(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap megatron-core's `Timers.log` / `Timers.write` (first argument: the names) so
+    that the training log's list also names Muon's timers of the run's
+    `--timing-log-level` (`optimizer.timing.with_muon_timers`)."""
+
+    @functools.wraps(original)
+    def logging(self: Any, names: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(self, with_muon_timers(names, self._log_level), *args, **kwargs)
+
+    return logging

@@ -71,6 +71,7 @@ from muon_megatron.optimizer.nonfinite import NonFiniteGradSkipMixin
 from muon_megatron.optimizer.pipeline import run_pipeline
 from muon_megatron.optimizer.plan import MuonMatrix, make_buckets, plan_matrices
 from muon_megatron.optimizer.step_metrics import StepMetrics
+from muon_megatron.optimizer.timing import PhaseTimer
 from muon_megatron.routing.rules import is_muon_param
 
 __all__ = ["MuonDistributedOptimizer"]
@@ -184,7 +185,8 @@ class MuonDistributedOptimizer(MuonCheckpointMixin, NonFiniteGradSkipMixin, Dist
         if self.skip_nonfinite_step():
             return False
         if not self.is_stub_optimizer and self._pipeline_members is not None:
-            run_pipeline(self._pipeline_members)
+            with PhaseTimer.of(self)("muon-step"):
+                run_pipeline(self._pipeline_members)
         return super().step_with_ready_grads()
 
     # The four phases of one bucket; `optimizer.pipeline.run_pipeline` interleaves them.

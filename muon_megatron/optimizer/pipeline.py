@@ -31,6 +31,8 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from muon_megatron.optimizer.timing import PhaseTimer
+
 __all__ = ["run_pipeline", "interleave"]
 
 
@@ -42,10 +44,12 @@ def interleave(members: list[Any]) -> list[tuple[Any, Any]]:
 
 def run_pipeline(members: list[Any], trace: list | None = None) -> int:
     """Run the Muon phases of every bucket of `members` (MuonDistributedOptimizers of this
-    rank, in chain order), pipelined. Returns the most bytes the step held at once: the
-    exchanges in flight and the owner's buffer of the bucket being orthogonalized
-    (Newton-Schulz's own work space not counted)."""
+    rank, in chain order), pipelined, each phase under the first member's Megatron timers
+    (`optimizer.timing`). Returns the most bytes the step held at once: the exchanges in
+    flight and the owner's buffer of the bucket being orthogonalized (Newton-Schulz's own
+    work space not counted)."""
     items = interleave(members)
+    timer = PhaseTimer.of(members[0]) if members else PhaseTimer(None)
     for opt in members:
         opt._begin_step()
 
@@ -55,7 +59,10 @@ def run_pipeline(members: list[Any], trace: list | None = None) -> int:
 
     def start_gather(k: int):
         opt, bucket = items[k]
-        flight = opt._phase2_start_gather(bucket, opt._phase1_local_momentum(bucket))
+        with timer("muon-momentum"):
+            ns_inputs = opt._phase1_local_momentum(bucket)
+        with timer("muon-gather"):
+            flight = opt._phase2_start_gather(bucket, ns_inputs)
         note("gather_issue", k)
         return flight
 
@@ -63,30 +70,34 @@ def run_pipeline(members: list[Any], trace: list | None = None) -> int:
     pending = None  # (k, flight) of the scatter in flight
     peak = 0
     for k, (opt, bucket) in enumerate(items):
-        owned = opt._phase2_finish_gather(bucket, gathers.pop(k))
+        with timer("muon-gather"):
+            owned = opt._phase2_finish_gather(bucket, gathers.pop(k))
         note("gather_wait", k)
         if k + 1 < len(items):
             gathers[k + 1] = start_gather(k + 1)
         note("ns_begin", k)
-        owned = opt._phase3_orthogonalize(bucket, owned)
+        with timer("muon-newton-schulz"):
+            owned = opt._phase3_orthogonalize(bucket, owned)
         note("ns_end", k)
         flights = list(gathers.values()) + ([pending[1]] if pending else [])
         peak = max(peak, sum(f.nbytes for f in flights) + owned.numel() * owned.element_size())
-        scatter = opt._phase4_start_scatter(bucket, owned)
+        with timer("muon-scatter"):
+            scatter = opt._phase4_start_scatter(bucket, owned)
         note("scatter_issue", k)
         del owned
         if pending is not None:
-            _finish(items, pending, note)
+            _finish(items, pending, note, timer)
         pending = (k, scatter)
     if pending is not None:
-        _finish(items, pending, note)
+        _finish(items, pending, note, timer)
     for opt in members:
         opt._end_step()
     return peak
 
 
-def _finish(items, pending, note) -> None:
+def _finish(items, pending, note, timer: PhaseTimer) -> None:
     k, flight = pending
     opt, bucket = items[k]
-    opt._phase4_finish_scatter(bucket, flight)
+    with timer("muon-scatter"):
+        opt._phase4_finish_scatter(bucket, flight)
     note("scatter_wait", k)

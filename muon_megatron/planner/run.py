@@ -38,8 +38,15 @@ _CHILD = "MUON_MEGATRON_PLANNER_CHILD"
 def plan_parser(prog: str = "muon-megatron plan") -> argparse.ArgumentParser:
     from muon_megatron.costmodel.hardware import add_hardware_args
     from muon_megatron.training.args import build_parser
+    from muon_megatron.training.indexed_data import add_data_args
 
-    parser = build_parser()
+    # Data and tokenizer flags are not modelled: they stay unknown (listed as ignored), and
+    # their attributes keep the training entry's defaults (the model's vocabulary is then
+    # --vocab-size).
+    parser = build_parser(data=False)
+    data_defaults = argparse.ArgumentParser(add_help=False)
+    add_data_args(data_defaults)
+    parser.set_defaults(**vars(data_defaults.parse_args([])))
     parser.prog = prog
     parser.description = (
         "What Muon costs on a cluster: memory, bytes, Newton-Schulz work and time per rank, "

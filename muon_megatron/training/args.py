@@ -15,15 +15,11 @@ from typing import Any
 
 from muon_megatron.config_flags import add_muon_config_args, muon_config_from_args
 from muon_megatron.training.data import VOCAB_SIZE
+from muon_megatron.training.indexed_data import add_data_args, data_errors
+from muon_megatron.training.writers import add_writer_args, writer_errors
 
-__all__ = [
-    "build_parser",
-    "layout_errors",
-    "validate_args",
-    "default_world_size",
-    "moe_layer_pattern",
-    "model_dims",
-]
+__all__ = ["build_parser", "layout_errors", "validate_args", "default_world_size",
+           "moe_layer_pattern", "model_dims"]
 
 
 def _moe_layer_freq(text: str) -> int | list[int]:
@@ -58,23 +54,21 @@ def _topk_scaling_factor(text: str) -> float | str:
 
 
 FUSION_FLAGS = (
-    "no-bias-gelu-fusion",
-    "no-bias-swiglu-fusion",
-    "no-bias-dropout-fusion",
-    "no-masked-softmax-fusion",
-    "no-rope-fusion",
-    "no-gradient-accumulation-fusion",
+    "no-bias-gelu-fusion", "no-bias-swiglu-fusion", "no-bias-dropout-fusion",
+    "no-masked-softmax-fusion", "no-rope-fusion", "no-gradient-accumulation-fusion",
     "no-persist-layer-norm",
-)
+)  # fmt: skip
 """Megatron-LM's switches for its fused kernels, which it turns on by default on GPU."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of `examples/pretrain_moe.py` (Megatron-LM flag names)."""
+def build_parser(data: bool = True) -> argparse.ArgumentParser:
+    """The parser of `examples/pretrain_moe.py` (Megatron-LM flag names); without `data`,
+    no data / tokenizer flags (the planner, which does not model them)."""
     p = argparse.ArgumentParser(
         prog="pretrain_moe.py",
-        description="Train a GPT / MoE with megatron-core on byte-level Python stdlib text, "
-        "with Muon (--optimizer muon) or AdamW (--optimizer adam).",
+        description="Train a GPT / MoE with megatron-core on Megatron's indexed datasets "
+        "(--data-path) or byte-level Python stdlib text (the default), with Muon "
+        "(--optimizer muon) or AdamW (--optimizer adam).",
         allow_abbrev=False,
     )
     g = p.add_argument_group("parallelism")
@@ -119,10 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    g.add_argument("--vocab-size", type=int, default=VOCAB_SIZE,
-                   help="Embedding rows. The tokenizer is byte-level (ids < 256); a larger "
-                   "value pads the table, as Megatron pads vocabularies (e.g. to reproduce "
-                   "a production model's shapes).")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="Byte corpus: embedding rows (default 256, the byte ids; a larger value "
+                   "pads the table, e.g. to a production model's shapes). With --data-path: "
+                   "Megatron-LM's meaning, NullTokenizer's / TikTokenizer's vocabulary.")
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--init-method-std", type=float, default=0.02)
@@ -222,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
 
-    add_muon_config_args(p)
+    for add in (add_writer_args, add_data_args, add_muon_config_args):
+        if data or add is not add_data_args:
+            add(p)
     return p
 
 
@@ -363,8 +359,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     need(not args.fp16, "--fp16 is not supported with muon-megatron; use --bf16")
     need(args.context_parallel_size == 1, f"--context-parallel-size {args.context_parallel_size}:"
          " the training entry's local attention does not support context parallelism; use 1")
-    need(args.vocab_size >= VOCAB_SIZE,
+    need(args.data_path is not None or (args.vocab_size or VOCAB_SIZE) >= VOCAB_SIZE,
          f"--vocab-size {args.vocab_size} is below the byte tokenizer's {VOCAB_SIZE}")
+    errors.extend(data_errors(args) + writer_errors(args))
     decay = args.lr_decay_iters or args.train_iters
     need(args.lr_warmup_iters < decay,
          f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay iterations "

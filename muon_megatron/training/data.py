@@ -31,6 +31,7 @@ __all__ = [
     "stdlib_corpus",
     "global_offsets",
     "local_batch",
+    "ByteBatches",
 ]
 
 VOCAB_SIZE = 256
@@ -157,3 +158,37 @@ def local_batch(
         "loss_mask": torch.ones(n, seq_length),
         "position_ids": torch.arange(seq_length).expand(n, seq_length).contiguous(),
     }
+
+
+class ByteBatches:
+    """This rank's batches of the byte corpus, the training entry's default data: the same
+    `batch(split, i)` / `describe()` as `indexed_data.IndexedData`. Validation batch `i` is
+    drawn with seed + 1, so it never repeats a training window's draw."""
+
+    title = "byte-level LM on Python stdlib sources"
+    unit = "byte"
+
+    def __init__(self, seq_length: int, global_batch_size: int, seed: int, dp_rank: int,
+                 dp_size: int) -> None:
+        self.corpus = stdlib_corpus()
+        self.seq_length, self.global_batch_size, self.seed = seq_length, global_batch_size, seed
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    def batch(self, split: str, iteration: int) -> dict[str, torch.Tensor]:
+        """This rank's rows of training iteration `iteration` or validation batch `iteration`."""
+        tokens = self.corpus.train if split == "train" else self.corpus.valid
+        seed = self.seed if split == "train" else self.seed + 1
+        return local_batch(tokens, self.seq_length, self.global_batch_size, iteration, seed,
+                           self.dp_rank, self.dp_size)
+
+    def describe(self) -> dict[str, object]:
+        """What the run log records about the data, and the run's first line says."""
+        c = self.corpus
+        files = len(c.train_files) + len(c.valid_files)
+        return {
+            "kind": "stdlib bytes", "title": self.title, "unit": self.unit,
+            "train_tokens": len(c.train), "valid_tokens": len(c.valid), "sha256": c.sha256,
+            "files": files,
+            "summary": f"corpus {len(c.train):,} train / {len(c.valid):,} valid bytes "
+                       f"({files} stdlib files)",
+        }

@@ -79,9 +79,15 @@ def _schedule_flags(train_iters: int) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns a process exit code."""
-    from muon_megatron.training.entry import build_parser, launch, plot_losses
+    from muon_megatron.training.entry import (
+        announce_missing_packages,
+        build_parser,
+        launch,
+        plot_losses,
+    )
 
     own, rest = _parser().parse_known_args(list(argv or []))
+    announce_missing_packages()
     if own.train_iters < 1:
         raise ValueError(f"--train-iters {own.train_iters} must be >= 1")
     optimizers = ["muon", "adam"] if own.compare_adam else ["muon"]

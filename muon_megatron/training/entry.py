@@ -1,4 +1,5 @@
-"""A real training entry on megatron-core: GPT / MoE on byte-level text, Muon or AdamW.
+"""A real training entry on megatron-core: GPT / MoE on indexed datasets or byte-level text,
+Muon or AdamW.
 
 Flags are Megatron-LM's names (`--tensor-model-parallel-size`, `--num-experts`, `--lr`,
 `--lr-decay-style`, ...) plus the `--muon-*` flags generated from `MuonConfig`, so a
@@ -17,17 +18,19 @@ What one run does, rank by rank:
 * optimizer: `get_muon_optimizer` for `--optimizer muon` (Muon for 2-D hidden weights, AdamW
   for the rest), `get_megatron_optimizer` for `--optimizer adam`; lr and weight decay follow
   megatron's `OptimizerParamScheduler` (warmup, then the decay style) for both.
-* data: `muon_megatron.training.data` (stdlib sources, bytes); each DP rank reads its own rows.
-* output: Megatron-style log lines on rank 0; `<output-dir>/<optimizer>.json` (every
-  iteration's loss, lr, grad norm, update RMS, throughput, the validation losses and the
-  arguments) and `<output-dir>/loss_<optimizer>.png`.
+* data: `--data-path` (Megatron's indexed datasets through megatron-core's GPTDataset,
+  `training.indexed_data`), or by default the stdlib sources as bytes (`training.data`);
+  each DP rank reads its own rows.
+* output: Megatron-style log lines on rank 0; TensorBoard / wandb scalars with
+  `--tensorboard-dir` / `--wandb-project` (`training.writers`); `<output-dir>/<optimizer>.json`
+  (every iteration's loss, lr, grad norm, update RMS, throughput, the validation losses and
+  the arguments) and `<output-dir>/loss_<optimizer>.png`.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import sys
@@ -37,7 +40,15 @@ from typing import Any
 
 import torch
 
+from muon_megatron.runtime.optional_packages import (
+    MISSING_PACKAGE_WARNINGS,
+    missing_packages_line,
+    quiet_missing_package_warnings,
+)
 from muon_megatron.training.args import build_parser, default_world_size, validate_args
+from muon_megatron.training.indexed_data import resolve_vocabulary
+from muon_megatron.training.outputs import plot_losses, trailing_mean, write_outputs
+from muon_megatron.training.writers import Writers
 
 __all__ = ["build_parser", "main", "run", "plot_losses", "trailing_mean"]
 
@@ -45,8 +56,18 @@ __all__ = ["build_parser", "main", "run", "plot_losses", "trailing_mean"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse Megatron-LM-style flags and train; returns a process exit code."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    announce_missing_packages()
     summary = launch(args)
     return 0 if summary is not None and math.isfinite(summary["final_loss"]) else 1
+
+
+def announce_missing_packages() -> None:
+    """Silence megatron-core's missing-package warnings in this process and, on the launching
+    process (rank 0 under torchrun), print the one line that names what is missing."""
+    quiet_missing_package_warnings()
+    line = missing_packages_line()
+    if line and os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
 
 
 def launch(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -60,6 +81,7 @@ def launch(args: argparse.Namespace) -> dict[str, Any] | None:
         )
     world_size = args.world_size or default_world_size(args)
     validate_args(args, world_size)
+    resolve_vocabulary(args)
     from muon_megatron.runtime.launch import child_env_defaults, spawn
 
     # CUDA_DEVICE_MAX_CONNECTIONS=1 is what megatron asks for with sequence parallelism.
@@ -71,8 +93,7 @@ def launch(args: argparse.Namespace) -> dict[str, Any] | None:
 # Warnings every CPU rank prints at import or on every step that say nothing about the run
 # (no Transformer Engine / Apex on CPU, torch deprecations inside megatron-core).
 _CPU_NOISE = (
-    "ignore:Transformer Engine and Apex are not installed",
-    "ignore:Apex is not installed",
+    *(f"ignore:{message}" for message in MISSING_PACKAGE_WARNINGS),
     "ignore:`torch.distributed.all_gather_into_tensor` is deprecated",
     "ignore:`torch.distributed.reduce_scatter_tensor` is deprecated",
     "ignore:The .grad attribute of a Tensor that is not a leaf Tensor",
@@ -88,6 +109,7 @@ def _run_under_torchrun(args: argparse.Namespace) -> dict[str, Any] | None:
             "drop --world-size under torchrun."
         )
     validate_args(args, world_size)
+    resolve_vocabulary(args)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
@@ -125,7 +147,6 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     from muon_megatron.qk_clip.clip import qk_clip_from_args
     from muon_megatron.training import model as gpt
     from muon_megatron.training import step
-    from muon_megatron.training.data import local_batch, stdlib_corpus
 
     t_start = time.perf_counter()
     gpt.initialize_parallel(args)
@@ -136,28 +157,21 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             print(line, flush=True)
     qk_clip = qk_clip_from_args(args, model)
     start = load_if_present(args, model, optimizer, scheduler) if args.load else 0
-    corpus = stdlib_corpus()
-    dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     rank = torch.distributed.get_rank()
+    # Megatron-LM's `do_valid`: --eval-iters 0 means no evaluation at all; so does our
+    # --eval-interval 0. Otherwise every --eval-interval iterations and once at the end.
+    do_valid = bool(args.eval_iters > 0 and args.eval_interval)
+    data = training_data(args, parallel_state.get_data_parallel_rank(), dp_size, do_valid)
 
     def batch(split: str, iteration: int) -> dict[str, torch.Tensor]:
-        tokens = corpus.train if split == "train" else corpus.valid
-        seed = args.seed if split == "train" else args.seed + 1
-        b = local_batch(tokens, args.seq_length, args.global_batch_size, iteration, seed,
-                        dp_rank, dp_size)
-        return {k: v.to(gpt.device()) for k, v in b.items()}
+        return {k: v.to(gpt.device()) for k, v in data.batch(split, iteration).items()}
 
     log: dict[str, Any] = {
         "optimizer": args.optimizer,
         "world_size": torch.distributed.get_world_size(),
         "data_parallel_size": dp_size,
-        "corpus": {
-            "train_tokens": len(corpus.train),
-            "valid_tokens": len(corpus.valid),
-            "sha256": corpus.sha256,
-            "files": len(corpus.train_files) + len(corpus.valid_files),
-        },
+        "data": data.describe(),
         "args": {k: v for k, v in vars(args).items() if _jsonable(v)},
         "start_iteration": start,
         "iterations": [],
@@ -169,18 +183,18 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             f"> {args.optimizer} | world {log['world_size']} = tp {args.tensor_model_parallel_size}"
             f" x pp {args.pipeline_model_parallel_size} x dp {dp_size}"
             f" (ep {args.expert_model_parallel_size}) | params on rank 0: {local:,}"
-            f" | corpus {len(corpus.train):,} train / {len(corpus.valid):,} valid bytes"
-            f" ({log['corpus']['files']} stdlib files)",
+            f" | {log['data']['summary']}",
             flush=True,
         )
         log["parameters_rank0"] = local
-    # Megatron-LM's `do_valid`: --eval-iters 0 means no evaluation at all; so does our
-    # --eval-interval 0. Otherwise every --eval-interval iterations and once at the end.
-    do_valid = bool(args.eval_iters > 0 and args.eval_interval)
+
+    writers = Writers(args) if rank == 0 else None
 
     def evaluate_and_print(iteration: int) -> None:
         val = step.evaluate(args, model, lambda i: batch("valid", i))
         log["validation"].append({"iteration": iteration, "loss": val})
+        if writers is not None:
+            writers.validation(val, iteration)
         if rank == 0:
             print(f" validation loss at iteration {iteration:6d} | lm loss: {val:.6E} |"
                   f" lm loss PPL: {math.exp(min(val, 50.0)):.6E}", flush=True)
@@ -219,6 +233,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             if qk_clip.clip:
                 record["qk_clipped_heads"] = clip_stats.clipped_heads
         log["iterations"].append(record)
+        if writers is not None:
+            writers.training(record, args.global_batch_size)
         if iteration % args.log_interval == 0 or iteration in (start + 1, args.train_iters):
             if rank == 0:
                 per_iter = interval_time / interval_iters
@@ -242,7 +258,21 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     log["wall_seconds"] = time.perf_counter() - t_start
     if rank != 0:
         return None
+    writers.close()
     return write_outputs(args, log)
+
+
+def training_data(args: argparse.Namespace, dp_rank: int, dp_size: int,
+                  do_valid: bool) -> Any:
+    """This rank's data: `--data-path` through megatron-core's GPTDataset
+    (`indexed_data.IndexedData`), else the byte-level stdlib corpus (`data.ByteBatches`)."""
+    if args.data_path is not None:
+        from muon_megatron.training.indexed_data import IndexedData
+
+        return IndexedData(args, dp_rank, dp_size, do_valid)
+    from muon_megatron.training.data import ByteBatches
+
+    return ByteBatches(args.seq_length, args.global_batch_size, args.seed, dp_rank, dp_size)
 
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -311,83 +341,6 @@ def _log_line(args: argparse.Namespace, r: dict[str, Any], sec_per_iter: float,
 def _jsonable(value: Any) -> bool:
     return isinstance(value, (str, int, float, bool, type(None), list, tuple))
 
-
-# --------------------------------------------------------------------------------------------
-# Outputs
-# --------------------------------------------------------------------------------------------
-
-
-def write_outputs(args: argparse.Namespace, log: dict[str, Any]) -> dict[str, Any]:
-    """Write `<optimizer>.json` and `loss_<optimizer>.png` under `args.output_dir`."""
-    out = os.path.abspath(args.output_dir)
-    os.makedirs(out, exist_ok=True)
-    losses = [r["loss"] for r in log["iterations"]]
-    k = max(1, min(10, len(losses) // 5))
-    log["summary"] = {
-        "first_loss": losses[0],
-        "final_loss": losses[-1],
-        f"mean_first_{k}": sum(losses[:k]) / k,
-        f"mean_last_{k}": sum(losses[-k:]) / k,
-        "final_validation_loss": log["validation"][-1]["loss"] if log["validation"] else None,
-        "wall_seconds": log["wall_seconds"],
-    }
-    json_path = os.path.join(out, f"{args.optimizer}.json")
-    with open(json_path, "w", encoding="utf-8") as fh:
-        json.dump(log, fh, indent=1)
-    png_path = plot_losses({args.optimizer: log}, os.path.join(out, f"loss_{args.optimizer}.png"))
-    print(f"> training log: {json_path}", flush=True)
-    if png_path is not None:
-        print(f"> loss curve: {png_path}", flush=True)
-    return {
-        **log["summary"],
-        "json": json_path,
-        "png": png_path,
-        "mean_first": log["summary"][f"mean_first_{k}"],
-        "mean_last": log["summary"][f"mean_last_{k}"],
-    }
-
-
-def plot_losses(logs: dict[str, dict[str, Any]], path: str) -> str | None:
-    """Plot training (and validation) loss of each run in `logs`; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("> matplotlib is not installed (pip install 'muon-megatron[plot]'): no plot",
-              flush=True)
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (label, log), color in zip(logs.items(), ("C0", "C1", "C2", "C3")):
-        its = [r["iteration"] for r in log["iterations"]]
-        ax.plot(its, [r["loss"] for r in log["iterations"]], color=color, alpha=0.35, lw=0.8)
-        ax.plot(its, trailing_mean([r["loss"] for r in log["iterations"]]), color=color,
-                label=f"{label} train (smoothed)")
-        if log["validation"]:
-            ax.plot([v["iteration"] for v in log["validation"]],
-                    [v["loss"] for v in log["validation"]], "o--", color=color, ms=4,
-                    label=f"{label} validation")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss (nats / byte)")
-    ax.set_title("byte-level LM on Python stdlib sources")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def trailing_mean(values: Sequence[float], window: int = 10) -> list[float]:
-    """Mean of the last `window` values at every position (fewer at the start)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,6 +33,7 @@ from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from muon_megatron.training.args import model_dims
+from muon_megatron.training.indexed_data import model_vocab_size
 from muon_megatron.training.mla import (
     fix_local_mla_gradients,
     te_stand_ins_off,
@@ -274,7 +275,7 @@ def build_model(
         model: torch.nn.Module = GPTModel(
             config=config,
             transformer_layer_spec=block_spec,
-            vocab_size=args.vocab_size,
+            vocab_size=model_vocab_size(args),
             max_sequence_length=args.max_position_embeddings or args.seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),

@@ -13,6 +13,7 @@ import argparse
 from dataclasses import dataclass
 
 from muon_megatron.training.args import model_dims, moe_layer_pattern
+from muon_megatron.training.indexed_data import model_vocab_size
 
 __all__ = ["ParamCount", "count_parameters"]
 
@@ -54,7 +55,7 @@ def count_parameters(args: argparse.Namespace) -> ParamCount:
         if args.qk_layernorm:
             attention_rest += 2 * _norm_size(args, d["kv_channels"])
 
-    embedding = args.vocab_size * h
+    embedding = model_vocab_size(args) * h
     if args.untie_embeddings_and_output_weights:
         embedding *= 2
     if args.position_embedding_type == "learned_absolute":

@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("muon_megatron.costmodel",),
     ("muon_megatron.integrity",),
     ("muon_megatron.megatron_lm",),
+    ("muon_megatron.bridge",),
     ("muon_megatron.training",),
     ("muon_megatron.planner",),
     ("muon_megatron.testing",),
