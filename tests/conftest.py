@@ -34,3 +34,17 @@ def te_stand_in():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def fp32_limit():
+    """The fp32 limit of a `run_verify` result, derived here from the run's measured noise
+    rather than read from verify: NOISE_GAIN x the larger family's noise, at least
+    FP32_TOLERANCE, at most NOISE_CEILING (verify.py justifies the three)."""
+    from muon_megatron.tools.verify import FP32_TOLERANCE, NOISE_CEILING, NOISE_GAIN
+
+    def limit(result: dict) -> float:
+        noise = max(result["noise_diffs"].values())
+        return min(NOISE_CEILING, max(FP32_TOLERANCE, NOISE_GAIN * noise))
+
+    return limit

@@ -18,9 +18,7 @@ from muon_megatron.testing import tiny
 from muon_megatron.tools.verify import (
     BF16_TENSOR_TOLERANCE,
     BF16_TOLERANCE,
-    FP32_TOLERANCE,
     NOISE_CEILING,
-    NOISE_GAIN,
     VerifySpec,
     run_verify,
 )
@@ -45,7 +43,7 @@ def fp32_run(request) -> dict:
     return run_verify(spec, MuonConfig(muon_ns_dtype="fp32"))
 
 
-def test_fp32_parity_with_reference(fp32_run: dict) -> None:
+def test_fp32_parity_with_reference(fp32_run: dict, fp32_limit) -> None:
     """Each family within NOISE_GAIN x the run's own measured fp32 noise (floor
     FP32_TOLERANCE, ceiling NOISE_CEILING: verify.py says why)."""
     assert fp32_run["within_tolerance"], (
@@ -53,18 +51,10 @@ def test_fp32_parity_with_reference(fp32_run: dict) -> None:
         fp32_run["family_diffs"],
         fp32_run["tolerances"],
     )
-    limit = noise_limit(fp32_run)
+    limit = fp32_limit(fp32_run)
     for family, diff in fp32_run["family_diffs"].items():
         assert diff <= limit, (family, diff, limit, fp32_run["noise_diffs"])
     assert len(fp32_run["dist_losses"]) == STEPS
-
-
-def noise_limit(result: dict) -> float:
-    """The fp32 limit of a run, from its measured noise, computed here rather than read from
-    verify: NOISE_GAIN x the larger family's noise, at least FP32_TOLERANCE, at most
-    NOISE_CEILING."""
-    noise = max(result["noise_diffs"].values())
-    return min(NOISE_CEILING, max(FP32_TOLERANCE, NOISE_GAIN * noise))
 
 
 def test_noise_gauge_measures_reordering_noise() -> None:

@@ -20,13 +20,7 @@ import torch
 from muon_megatron.config import MuonConfig
 from muon_megatron.runtime.launch import spawn
 from muon_megatron.testing import tiny
-from muon_megatron.tools.verify import (
-    FP32_TOLERANCE,
-    NOISE_CEILING,
-    NOISE_GAIN,
-    VerifySpec,
-    run_verify,
-)
+from muon_megatron.tools.verify import VerifySpec, run_verify
 
 STEPS = 3
 MLA = {
@@ -58,15 +52,14 @@ def clip_run(request) -> dict:
     return run_verify(spec, FP32)
 
 
-def test_qk_clip_parity_with_reference(clip_run: dict) -> None:
+def test_qk_clip_parity_with_reference(clip_run: dict, fp32_limit) -> None:
     """Both families within the fp32 tolerance of the reference, with the clip firing on
     at least one head at every step."""
     assert clip_run["within_tolerance"], (
         clip_run["layout"], clip_run["family_diffs"], clip_run["tolerances"],
         clip_run["worst_param"],
     )
-    noise = max(clip_run["noise_diffs"].values())
-    limit = min(NOISE_CEILING, max(FP32_TOLERANCE, NOISE_GAIN * noise))
+    limit = fp32_limit(clip_run)
     for family, diff in clip_run["family_diffs"].items():
         assert diff <= limit, (family, diff, limit, clip_run["noise_diffs"])
     assert len(clip_run["qk_clip"]) == STEPS
