@@ -3,7 +3,7 @@
 Save (`record_checksums`, collective, after `dist_checkpointing.save` has returned or its
 async request has finished): rank 0 reads `.metadata` once and tells every rank which shard
 files it wrote (`__<rank>_<i>.distcp`); each rank hashes its own files, rank 0 also
-`.metadata`, `common.pt` and `metadata.json`, and writes its sidecar
+`.metadata`, `metadata.json` and `common.pt` where there is one, and writes its sidecar
 `muon_checksums.<rank>.json` ({file: {"bytes": n, "crc32": c}}) atomically (a temporary file,
 fsync, rename), so a sidecar is either whole or absent. It returns when every rank's sidecar
 is written: a tracker file written after it never names a checkpoint whose checksums are
@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from muon_megatron.integrity.files import COMMON, CONFIG, METADATA, shard_sizes
+from muon_megatron.integrity.files import expected_files
 
 __all__ = [
     "ALGORITHM",
@@ -80,13 +80,13 @@ def _hash_files(ckpt_dir: str, names: list[str]) -> dict[str, tuple[int, int]]:
 
 def _files_by_rank(ckpt_dir: str, world: int) -> list[list[str]]:
     """Which files each rank wrote: the shard files `.metadata` lists, by the rank in their
-    name (any other name goes to rank 0), and rank 0's own three."""
+    name; any other file of the checkpoint (`.metadata`, `metadata.json`, `common.pt`) is
+    rank 0's."""
     owned: list[list[str]] = [[] for _ in range(world)]
-    for name in sorted(shard_sizes(ckpt_dir)):
+    for name in expected_files(ckpt_dir):
         match = _RANK_OF_SHARD.search(name)
         rank = int(match[1]) if match and int(match[1]) < world else 0
         owned[rank].append(name)
-    owned[0] += [METADATA, COMMON, CONFIG]
     return owned
 
 
@@ -134,7 +134,7 @@ def _plan(ckpt_dir: str) -> tuple[list[str], list[tuple[str, int, int]] | None]:
     entries, problems = _recorded(ckpt_dir)
     if not entries and not problems:
         return [], None
-    files = sorted(set(shard_sizes(ckpt_dir)) | {METADATA, COMMON, CONFIG})
+    files = expected_files(ckpt_dir)
     unrecorded = [name for name in files if name not in entries]
     if unrecorded:
         problems.append(

@@ -6,7 +6,9 @@ A megatron-core `dist_checkpointing` checkpoint in the torch_dist format is a di
   written its shards; for every saved item it names the shard file, the offset and the
   length, so it implies each shard file's size;
 * the shard files it lists (`__<rank>_<i>.distcp`, one or more per rank);
-* `common.pt`: the non-sharded state (rank 0, `torch.save`, a zip archive);
+* `common.pt`: the non-sharded state (rank 0, `torch.save`, a zip archive), up to
+  megatron-core 0.18; from 0.19 that state is an item of the index itself (`common_state`),
+  and there is no `common.pt`;
 * `metadata.json`: dist_checkpointing's backend and version, written last, by rank 0.
 
 `completeness_problems` checks all of that from file sizes and the two indexes alone (no
@@ -29,6 +31,7 @@ __all__ = [
     "COMMON",
     "CONFIG",
     "shard_sizes",
+    "expected_files",
     "completeness_problems",
     "last_complete_checkpoint",
     "read_error",
@@ -39,20 +42,45 @@ COMMON = "common.pt"
 CONFIG = "metadata.json"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 TRACKER = "latest_checkpointed_iteration.txt"
+_COMMON_ITEM = "common_state"
 
 
-def shard_sizes(ckpt_dir: str) -> dict[str, int]:
-    """Shard file -> the bytes `.metadata` says it holds at least (the end of its last item).
-
-    Raises whatever reading or unpickling `.metadata` raises (OSError, EOFError,
-    UnpicklingError, ...); `completeness_problems` turns that into a sentence."""
+def _read_metadata(ckpt_dir: str):
+    """`.metadata` unpickled, as torch's FileSystemReader.read_metadata does. Raises whatever
+    reading or unpickling it raises (OSError, EOFError, UnpicklingError, ...)."""
     with open(os.path.join(ckpt_dir, METADATA), "rb") as f:
-        metadata = pickle.load(f)  # what torch's FileSystemReader.read_metadata does
+        return pickle.load(f)
+
+
+def _sizes(metadata) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for info in metadata.storage_data.values():
         end = info.offset + info.length
         sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), end)
     return sizes
+
+
+def _common_in_index(metadata) -> bool:
+    """Whether the index holds the non-sharded state itself (megatron-core >= 0.19 saves it
+    as the item `common_state/...` instead of writing `common.pt`)."""
+    return any(key.split("/", 1)[0] == _COMMON_ITEM for key in metadata.state_dict_metadata)
+
+
+def shard_sizes(ckpt_dir: str) -> dict[str, int]:
+    """Shard file -> the bytes `.metadata` says it holds at least (the end of its last item).
+
+    Raises whatever reading or unpickling `.metadata` raises; `completeness_problems` turns
+    that into a sentence."""
+    return _sizes(_read_metadata(ckpt_dir))
+
+
+def expected_files(ckpt_dir: str) -> list[str]:
+    """Every file a complete checkpoint in `ckpt_dir` has, by its `.metadata`: the shard
+    files, `.metadata`, `metadata.json` and, where the index does not hold the non-sharded
+    state, `common.pt`. Raises as `shard_sizes`."""
+    metadata = _read_metadata(ckpt_dir)
+    extra = [METADATA, CONFIG] + ([] if _common_in_index(metadata) else [COMMON])
+    return sorted(set(_sizes(metadata)) | set(extra))
 
 
 def completeness_problems(ckpt_dir: str) -> list[str]:
@@ -65,11 +93,7 @@ def completeness_problems(ckpt_dir: str) -> list[str]:
             f"{CONFIG} is missing (dist_checkpointing writes it last: the save did not finish)"
         )
     common = os.path.join(ckpt_dir, COMMON)
-    if not os.path.isfile(common):
-        problems.append(
-            f"{COMMON} is missing (the non-sharded state: iteration, args, param groups)"
-        )
-    elif not zipfile.is_zipfile(common):
+    if os.path.isfile(common) and not zipfile.is_zipfile(common):
         problems.append(
             f"{COMMON} is damaged (not a readable torch.save archive: truncated or overwritten)"
         )
@@ -79,10 +103,16 @@ def completeness_problems(ckpt_dir: str) -> list[str]:
         )
         return problems
     try:
-        sizes = shard_sizes(ckpt_dir)
+        metadata = _read_metadata(ckpt_dir)
+        sizes = _sizes(metadata)
+        common_in_index = _common_in_index(metadata)
     except Exception as error:  # noqa: BLE001 - any failure to read the index is damage
         problems.append(f"{METADATA} is damaged ({type(error).__name__}: {error})")
         return problems
+    if not common_in_index and not os.path.isfile(common):
+        problems.append(
+            f"{COMMON} is missing (the non-sharded state: iteration, args, param groups)"
+        )
     for name, needed in sorted(sizes.items()):
         path = os.path.join(ckpt_dir, name)
         if not os.path.isfile(path):

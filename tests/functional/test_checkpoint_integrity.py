@@ -141,7 +141,12 @@ def attempts(tmp_path_factory) -> tuple[str, dict[str, str], list[dict[str, tupl
     root = tmp_path_factory.mktemp("integrity")
     saved = str(root / "saved")
     spawn(_save_run, 2, saved)
-    dirs = {case: _damaged_copy(saved, str(root / case), damage) for case, (damage, _, _) in CASES.items()}
+    present = set(os.listdir(os.path.join(saved, DAMAGED)))
+    dirs = {
+        case: _damaged_copy(saved, str(root / case), damage)
+        for case, (damage, name, _) in CASES.items()
+        if name in present
+    }
     return saved, dirs, spawn(_try_loads, 2, {**dirs, "intact": os.path.join(saved, DAMAGED)})
 
 
@@ -151,6 +156,9 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_last_complete_o
 ) -> None:
     _, dirs, per_rank = attempts
     _, name, says = CASES[case]
+    if case not in dirs:
+        pytest.skip(f"this megatron-core writes no {name}: its torch_dist checkpoint keeps the "
+                    "non-sharded state in .metadata's index (megatron-core >= 0.19)")
     ckpt_dir = dirs[case]
     results = [rank_attempts[case] for rank_attempts in per_rank]
     message = results[0][0]
