@@ -50,6 +50,30 @@ def megatron_lm_dir() -> str | None:
     return None
 
 
+def skip_without_megatron_lm() -> None:
+    """Skip the calling pytest module, saying why, without a Megatron-LM checkout
+    (`megatron_lm_dir`) or the packages its `megatron.training` imports and megatron-core
+    does not (tokenizers, yaml arguments, megatron.rl)."""
+    import importlib.util
+
+    import pytest
+
+    if megatron_lm_dir() is None:
+        pytest.skip(
+            "Megatron-LM not found: set MEGATRON_LM_DIR to a checkout of NVIDIA/Megatron-LM "
+            "(core_v0.16.1 or core_v0.19.x)",
+            allow_module_level=True,
+        )
+    needed = ("six", "regex", "yaml", "pydantic")
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(
+            f"Megatron-LM's training package needs {missing}: pip install six regex pyyaml "
+            "pydantic",
+            allow_module_level=True,
+        )
+
+
 def run_pretrain_gpt(
     nproc: int,
     args: Sequence[str],

@@ -13,7 +13,6 @@ Needs a Megatron-LM checkout (`MEGATRON_LM_DIR`) and the Python packages its
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -24,23 +23,12 @@ import pytest
 
 from muon_megatron.testing.megatron_lm_run import (
     logged_values,
-    megatron_lm_dir,
     run_pretrain_gpt,
+    skip_without_megatron_lm,
     tiny_gpt_args,
 )
 
-if megatron_lm_dir() is None:
-    pytest.skip(
-        "Megatron-LM not found: set MEGATRON_LM_DIR to a checkout of NVIDIA/Megatron-LM "
-        "(core_v0.16.1 or core_v0.19.x)",
-        allow_module_level=True,
-    )
-_MISSING = [m for m in ("six", "regex", "yaml", "pydantic") if importlib.util.find_spec(m) is None]
-if _MISSING:
-    pytest.skip(
-        f"Megatron-LM's training package needs {_MISSING}: pip install six regex pyyaml pydantic",
-        allow_module_level=True,
-    )
+skip_without_megatron_lm()
 
 RUN_TIMEOUT_S = 600.0
 DAMAGED, LAST_COMPLETE = "iter_0000004", "iter_0000002"

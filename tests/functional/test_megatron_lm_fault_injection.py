@@ -15,7 +15,6 @@ imports; skipped, with the reason, without them.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 
@@ -26,21 +25,11 @@ from muon_megatron.testing.megatron_lm_run import (
     logged_values,
     megatron_lm_dir,
     run_pretrain_gpt,
+    skip_without_megatron_lm,
     tiny_gpt_args,
 )
 
-if megatron_lm_dir() is None:
-    pytest.skip(
-        "Megatron-LM not found: set MEGATRON_LM_DIR to a checkout of NVIDIA/Megatron-LM "
-        "(core_v0.16.1 or core_v0.19.x)",
-        allow_module_level=True,
-    )
-_MISSING = [m for m in ("six", "regex", "yaml", "pydantic") if importlib.util.find_spec(m) is None]
-if _MISSING:
-    pytest.skip(
-        f"Megatron-LM's training package needs {_MISSING}: pip install six regex pyyaml pydantic",
-        allow_module_level=True,
-    )
+skip_without_megatron_lm()
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FAULT_SITE = pathlib.Path(__file__).resolve().parent / "fault_site"

@@ -18,7 +18,6 @@ imports; skipped, with the reason, without them.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import pathlib
 import re
@@ -30,24 +29,12 @@ import torch
 
 from muon_megatron.testing.megatron_lm_run import (
     logged_values,
-    megatron_lm_dir,
     run_pretrain_gpt,
+    skip_without_megatron_lm,
     tiny_gpt_args,
 )
 
-if megatron_lm_dir() is None:
-    pytest.skip(
-        "Megatron-LM not found: set MEGATRON_LM_DIR to a checkout of NVIDIA/Megatron-LM "
-        "(core_v0.16.1 or core_v0.19.x)",
-        allow_module_level=True,
-    )
-# Imported by megatron.training (tokenizers, yaml arguments, megatron.rl), not by megatron-core.
-_MISSING = [m for m in ("six", "regex", "yaml", "pydantic") if importlib.util.find_spec(m) is None]
-if _MISSING:
-    pytest.skip(
-        f"Megatron-LM's training package needs {_MISSING}: pip install six regex pyyaml pydantic",
-        allow_module_level=True,
-    )
+skip_without_megatron_lm()
 
 TRAIN_ITERS = 10
 SAVE_AT = 5
