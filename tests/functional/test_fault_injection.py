@@ -28,6 +28,8 @@ import sys
 import pytest
 import torch
 
+from muon_megatron.testing.checkpoint_tensors import checkpoint_tensors
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TRAIN_ITERS, SAVE_INTERVAL = 6, 2
 FLAGS = [
@@ -100,24 +102,6 @@ def _run_with_rank_1_killed(fault: str, save: pathlib.Path, logs: pathlib.Path) 
     assert victim_code == -signal.SIGKILL, (victim_code, outputs[1], outputs[0])
 
 
-def _checkpoint_tensors(ckpt_dir: pathlib.Path, scratch: pathlib.Path) -> dict:
-    """Every tensor of a torch_dist checkpoint, flattened to 'a/b/c' keys."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    dcp_to_torch_save(str(ckpt_dir), str(scratch))
-    out: dict = {}
-
-    def walk(node, path: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{path}/{k}")
-        elif torch.is_tensor(node):
-            out[path] = node
-
-    walk(torch.load(scratch, weights_only=False), "")
-    return out
-
-
 def _iterations(output_dir: pathlib.Path) -> list[tuple]:
     log = json.loads((output_dir / "muon.json").read_text())
     return [(r["iteration"], r["loss"], r["lr"], r["grad_norm"]) for r in log["iterations"]]
@@ -145,8 +129,8 @@ def test_a_rank_killed_at_the_point_resumes_bitwise_like_the_uninterrupted_run(
     resumed = _iterations(tmp_path / "resumed")
     assert [r[0] for r in resumed] == list(range(last_complete + 1, TRAIN_ITERS + 1))
     assert resumed == straight["iterations"][last_complete:]
-    a = _checkpoint_tensors(straight["final"], tmp_path / "a.pt")
-    b = _checkpoint_tensors(save / "iter_0000006", tmp_path / "b.pt")
+    a = checkpoint_tensors(straight["final"], tmp_path / "a.pt")
+    b = checkpoint_tensors(save / "iter_0000006", tmp_path / "b.pt")
     assert any("muon_momentum" in k for k in a) and any("exp_avg" in k for k in a), sorted(a)
     assert a.keys() == b.keys()
     for key in a:

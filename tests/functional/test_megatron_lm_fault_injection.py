@@ -21,6 +21,7 @@ import pathlib
 import pytest
 import torch
 
+from muon_megatron.testing.checkpoint_tensors import checkpoint_tensors
 from muon_megatron.testing.megatron_lm_run import (
     logged_values,
     megatron_lm_dir,
@@ -56,24 +57,6 @@ def _run(save: pathlib.Path, log: pathlib.Path, *, load: bool = False,
     return returncode, output
 
 
-def _checkpoint_tensors(ckpt_dir: pathlib.Path, scratch: pathlib.Path) -> dict:
-    """Every tensor of a torch_dist checkpoint, flattened to 'a/b/c' keys."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    dcp_to_torch_save(str(ckpt_dir), str(scratch))
-    out: dict = {}
-
-    def walk(node, path: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{path}/{k}")
-        elif torch.is_tensor(node):
-            out[path] = node
-
-    walk(torch.load(scratch, weights_only=False), "")
-    return out
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("megatron_lm_straight")
@@ -100,8 +83,8 @@ def test_a_killed_rank_of_pretrain_gpt_resumes_bitwise_like_the_uninterrupted_ru
     # (test_megatron_lm_checkpoints.py meets the same); every other line is one iteration's.
     compared = [it for it in resumed if it != last_complete + 2]
     assert [resumed[it] for it in compared] == [straight["losses"][it] for it in compared]
-    a = _checkpoint_tensors(straight["final"], tmp_path / "a.pt")
-    b = _checkpoint_tensors(save / "iter_0000006", tmp_path / "b.pt")
+    a = checkpoint_tensors(straight["final"], tmp_path / "a.pt")
+    b = checkpoint_tensors(save / "iter_0000006", tmp_path / "b.pt")
     assert a.keys() == b.keys() and any("exp_avg" in k for k in a), sorted(a)
     for key in a:
         assert torch.equal(a[key], b[key]), key

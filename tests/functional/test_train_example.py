@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from muon_megatron.testing.checkpoint_tensors import checkpoint_tensors
 from muon_megatron.training.demo import DEMO_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -115,31 +116,12 @@ def test_save_then_load_continues_bitwise_like_an_uninterrupted_run(
     assert [(r["iteration"], r["loss"], r["lr"]) for r in resumed] == [
         (r["iteration"], r["loss"], r["lr"]) for r in straight
     ]
-    a = _checkpoint_tensors(final_straight / "iter_0000006", tmp_path / "a.pt")
-    b = _checkpoint_tensors(final_resumed / "iter_0000006", tmp_path / "b.pt")
+    a = checkpoint_tensors(final_straight / "iter_0000006", tmp_path / "a.pt")
+    b = checkpoint_tensors(final_resumed / "iter_0000006", tmp_path / "b.pt")
     assert any("muon_momentum" in k for k in a) and any("exp_avg" in k for k in a), sorted(a)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-
-
-def _checkpoint_tensors(ckpt_dir: pathlib.Path, scratch: pathlib.Path) -> dict:
-    """Every tensor of a torch_dist checkpoint, flattened to 'a/b/c' keys (torch's own
-    converter, no process group)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    dcp_to_torch_save(str(ckpt_dir), str(scratch))
-    out: dict = {}
-
-    def walk(node, path: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{path}/{k}")
-        elif torch.is_tensor(node):
-            out[path] = node
-
-    walk(torch.load(scratch, weights_only=False), "")
-    return out
 
 
 # One process (DP 1, the entry's default world for a dense model), 3 iterations saved every 2:
