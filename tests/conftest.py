@@ -37,14 +37,20 @@ def te_stand_in():
 
 
 @pytest.fixture(scope="session")
-def fp32_limit():
-    """The fp32 limit of a `run_verify` result, derived here from the run's measured noise
-    rather than read from verify: NOISE_GAIN x the larger family's noise, at least
-    FP32_TOLERANCE, at most NOISE_CEILING (verify.py justifies the three)."""
+def assert_fp32_parity():
+    """Assert that a `run_verify` result is within verify's tolerance and, checked here
+    rather than read from verify, each family within the fp32 limit derived from the run's
+    measured noise: NOISE_GAIN x the larger family's noise, at least FP32_TOLERANCE, at most
+    NOISE_CEILING (verify.py justifies the three)."""
     from muon_megatron.tools.verify import FP32_TOLERANCE, NOISE_CEILING, NOISE_GAIN
 
-    def limit(result: dict) -> float:
+    def check(result: dict) -> None:
+        assert result["within_tolerance"], (
+            result["layout"], result["family_diffs"], result["tolerances"], result["worst_param"],
+        )
         noise = max(result["noise_diffs"].values())
-        return min(NOISE_CEILING, max(FP32_TOLERANCE, NOISE_GAIN * noise))
+        limit = min(NOISE_CEILING, max(FP32_TOLERANCE, NOISE_GAIN * noise))
+        for family, diff in result["family_diffs"].items():
+            assert diff <= limit, (family, diff, limit, result["noise_diffs"])
 
-    return limit
+    return check

@@ -73,18 +73,10 @@ def mla_run(request) -> dict:
     return run_verify(spec, cfg)
 
 
-def test_mla_parity_with_reference(mla_run: dict, fp32_limit) -> None:
+def test_mla_parity_with_reference(mla_run: dict, assert_fp32_parity) -> None:
     """Each family within NOISE_GAIN x the run's own measured fp32 noise (floor
     FP32_TOLERANCE, ceiling NOISE_CEILING; verify.py justifies both)."""
-    assert mla_run["within_tolerance"], (
-        mla_run["layout"],
-        mla_run["family_diffs"],
-        mla_run["tolerances"],
-        mla_run["worst_param"],
-    )
-    limit = fp32_limit(mla_run)
-    for family, diff in mla_run["family_diffs"].items():
-        assert diff <= limit, (family, diff, limit, mla_run["noise_diffs"])
+    assert_fp32_parity(mla_run)
 
 
 def test_mla_projections_are_muon_matrices_and_latent_norms_adamw(mla_run: dict) -> None:

@@ -43,17 +43,10 @@ def fp32_run(request) -> dict:
     return run_verify(spec, MuonConfig(muon_ns_dtype="fp32"))
 
 
-def test_fp32_parity_with_reference(fp32_run: dict, fp32_limit) -> None:
+def test_fp32_parity_with_reference(fp32_run: dict, assert_fp32_parity) -> None:
     """Each family within NOISE_GAIN x the run's own measured fp32 noise (floor
     FP32_TOLERANCE, ceiling NOISE_CEILING: verify.py says why)."""
-    assert fp32_run["within_tolerance"], (
-        fp32_run["worst_param"],
-        fp32_run["family_diffs"],
-        fp32_run["tolerances"],
-    )
-    limit = fp32_limit(fp32_run)
-    for family, diff in fp32_run["family_diffs"].items():
-        assert diff <= limit, (family, diff, limit, fp32_run["noise_diffs"])
+    assert_fp32_parity(fp32_run)
     assert len(fp32_run["dist_losses"]) == STEPS
 
 

@@ -52,16 +52,10 @@ def clip_run(request) -> dict:
     return run_verify(spec, FP32)
 
 
-def test_qk_clip_parity_with_reference(clip_run: dict, fp32_limit) -> None:
+def test_qk_clip_parity_with_reference(clip_run: dict, assert_fp32_parity) -> None:
     """Both families within the fp32 tolerance of the reference, with the clip firing on
     at least one head at every step."""
-    assert clip_run["within_tolerance"], (
-        clip_run["layout"], clip_run["family_diffs"], clip_run["tolerances"],
-        clip_run["worst_param"],
-    )
-    limit = fp32_limit(clip_run)
-    for family, diff in clip_run["family_diffs"].items():
-        assert diff <= limit, (family, diff, limit, clip_run["noise_diffs"])
+    assert_fp32_parity(clip_run)
     assert len(clip_run["qk_clip"]) == STEPS
     assert all(stats.clipped_heads > 0 for stats in clip_run["qk_clip"]), clip_run["qk_clip"]
 

@@ -82,18 +82,10 @@ def te_run(request, te_stand_in) -> dict:
     return te_stand_in.in_te_process(run_verify, LAYOUTS[request.param], FP32)
 
 
-def test_te_parity_with_reference(te_run: dict, fp32_limit) -> None:
+def test_te_parity_with_reference(te_run: dict, assert_fp32_parity) -> None:
     """Each family within NOISE_GAIN x the run's own measured fp32 noise (floor
     FP32_TOLERANCE, ceiling NOISE_CEILING: verify.py says why)."""
-    assert te_run["within_tolerance"], (
-        te_run["layout"],
-        te_run["family_diffs"],
-        te_run["tolerances"],
-        te_run["worst_param"],
-    )
-    limit = fp32_limit(te_run)
-    for family, diff in te_run["family_diffs"].items():
-        assert diff <= limit, (family, diff, limit, te_run["noise_diffs"])
+    assert_fp32_parity(te_run)
 
 
 def test_every_logical_matrix_orthogonalized_exactly_once(te_run: dict) -> None:
