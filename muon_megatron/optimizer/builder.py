@@ -22,7 +22,7 @@ from muon_megatron.optimizer.core_versions import warn_if_untested_megatron_core
 from muon_megatron.optimizer.distributed import MuonDistributedOptimizer
 from muon_megatron.optimizer.nonfinite import check_once_per_step
 from muon_megatron.optimizer.routing_table import routing_rows, routing_table_lines
-from muon_megatron.routing.rules import muon_param_rule
+from muon_megatron.routing.rules import muon_param_rule, stacked_expert_errors
 from muon_megatron.routing.weight_decay import weight_decay_overrides
 
 __all__ = [
@@ -167,6 +167,11 @@ def get_muon_optimizer(
             "num_distributed_optimizer_instances > 1 is not supported with Muon; use 1."
         )
     muon_config = muon_config or MuonConfig()
+    stacked = stacked_expert_errors(
+        (item for chunk in model_chunks for item in chunk.named_parameters()), muon_config
+    )
+    if stacked and is_muon is None:
+        raise ValueError(stacked[0])
     custom_rule = is_muon
     if is_muon is None:
         is_muon = muon_param_rule(muon_config)  # --muon-router-optimizer, --muon-include/exclude

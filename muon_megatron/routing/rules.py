@@ -33,6 +33,7 @@ __all__ = [
     "param_kind",
     "require_matrix",
     "route_reason",
+    "stacked_expert_errors",
 ]
 
 # Substrings of parameter names that always stay on AdamW, whatever their shape
@@ -139,6 +140,35 @@ def route_reason(name: str, param: torch.Tensor, muon_config: MuonConfig) -> tup
     if _KNOWN_MATRIX.search(name):
         return True, "hidden weight"
     return True, "unrecognised 2-D weight: Muon by the default rule"
+
+
+# megatron-core's single grouped expert weight (`moe_single_grouped_weight`, 0.19+ with
+# TE >= 2.14): TEGroupedMLP's fc1 / fc2 as one [experts, out, in] parameter.
+_STACKED_EXPERT = re.compile(r"\.experts\.linear_fc[12]\.weight$")
+
+
+def stacked_expert_errors(named_params, muon_config: MuonConfig) -> list[str]:
+    """The hidden expert weights stored stacked, all local experts in one 3-D parameter
+    (`--moe-single-grouped-weight`), that no `--muon-exclude` pattern sends to AdamW: Muon
+    does not split them per expert, and the default rule would leave an MoE's experts, most
+    of its weights, on AdamW without a word. One message naming them and the two ways out
+    ([] when there are none)."""
+    names = []
+    for name, param in named_params:
+        name = canonical_name(name)
+        if param.ndim == 3 and _STACKED_EXPERT.search(name):
+            if not any(fnmatchcase(name, p) for p in muon_config.muon_exclude):
+                names.append(name)
+    if not names:
+        return []
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return [
+        f"{shown}: --moe-single-grouped-weight stacks each layer's local experts into one 3-D "
+        "parameter, which Muon does not orthogonalize per expert; drop "
+        "--moe-single-grouped-weight (TEGroupedMLP then has one 2-D weight per expert, on "
+        "Muon), or keep the experts on AdamW knowingly with --muon-exclude "
+        "'*.experts.linear_fc*.weight'."
+    ]
 
 
 def require_matrix(name: str, shape: tuple[int, ...] | torch.Size) -> None:

@@ -104,7 +104,8 @@ def test_builder_passes_on_or_refuses_megatron_keywords(monkeypatch) -> None:
         raise RuntimeError("built")
 
     ddp = types.SimpleNamespace(
-        ddp_config=types.SimpleNamespace(), config=types.SimpleNamespace(context_parallel_size=1)
+        ddp_config=types.SimpleNamespace(), config=types.SimpleNamespace(context_parallel_size=1),
+        named_parameters=lambda: iter(()),
     )
     config = _ok_optimizer_config()
     monkeypatch.setattr(mcore_optimizer, "get_megatron_optimizer", fake_get_megatron_optimizer)

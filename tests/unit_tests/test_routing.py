@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from muon_megatron.config import MuonConfig
+from muon_megatron.routing import rules
 from muon_megatron.routing.rules import is_muon_param, param_kind
 from muon_megatron.routing.splits import (
     combine_tp_pieces,
@@ -347,3 +348,47 @@ def test_split_mla_takes_k_nope_and_v_of_every_head(tp: int) -> None:
 def test_split_mla_refuses_rows_that_are_not_whole_heads() -> None:
     with pytest.raises(ValueError, match="--muon-split-mla"):
         _mla_split("decoder.layers.0.self_attention.linear_q_proj.weight", 13, 32, 1, True)
+
+
+STACKED = "decoder.layers.0.mlp.experts.linear_fc1.weight"
+
+
+def test_stacked_expert_weights_are_named_with_both_ways_out() -> None:
+    """megatron-core's single grouped expert weight (3-D, [experts, out, in]) is refused by
+    name; per-expert TEGroupedMLP weights and other 3-D tensors are not."""
+    params = [
+        ("module." + STACKED, torch.empty(4, 8, 6)),
+        ("decoder.layers.0.mlp.experts.linear_fc2.weight", torch.empty(4, 6, 4)),
+        ("decoder.layers.0.mlp.experts.linear_fc1.weight0", torch.empty(8, 6)),
+        ("decoder.layers.0.self_attention.some_table", torch.empty(2, 3, 4)),
+    ]
+    (message,) = rules.stacked_expert_errors(params, MuonConfig())
+    assert STACKED in message and "linear_fc2.weight" in message
+    assert "weight0" not in message and "some_table" not in message
+    assert "drop --moe-single-grouped-weight" in message and "--muon-exclude" in message
+    assert rules.stacked_expert_errors(params[2:], MuonConfig()) == []
+
+
+def test_stacked_expert_weights_excluded_by_pattern_pass() -> None:
+    params = [(STACKED, torch.empty(4, 8, 6))]
+    config = MuonConfig(muon_exclude=("*.experts.linear_fc*.weight",))
+    assert rules.stacked_expert_errors(params, config) == []
+
+
+def test_get_muon_optimizer_refuses_stacked_experts_before_building() -> None:
+    """The refusal comes before megatron-core's optimizer is built (the chunk below has
+    nothing megatron's builder could use)."""
+    import types
+
+    from megatron.core.optimizer import OptimizerConfig
+
+    from muon_megatron.optimizer.builder import get_muon_optimizer
+
+    chunk = types.SimpleNamespace(
+        ddp_config=types.SimpleNamespace(),
+        config=types.SimpleNamespace(context_parallel_size=1),
+        named_parameters=lambda: iter([(STACKED, torch.empty(4, 8, 6))]),
+    )
+    config = OptimizerConfig(optimizer="muon", use_distributed_optimizer=True)
+    with pytest.raises(ValueError, match="--moe-single-grouped-weight"):
+        get_muon_optimizer(config, [chunk])
