@@ -100,8 +100,9 @@ def _run(rank: int, world: int, root: str, load: str | None) -> dict:
     from muon_megatron.testing import tiny
     from muon_megatron.testing.bridge import import_bridge_training
 
-    optim, checkpointing = import_bridge_training()
+    optim, checkpointing = import_bridge_training()  # first: the Python 3.11 shim
     from megatron.bridge.training.state import GlobalState
+
     layout = Layout()
     tiny.initialize_parallel(layout, OTHER_SEED if load else SEED)
     model = tiny.build_model(SPEC, layout)
