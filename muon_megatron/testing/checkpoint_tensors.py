@@ -1,4 +1,5 @@
-"""Every tensor of a torch_dist checkpoint, for comparing two checkpoints bit for bit."""
+"""Every tensor of a torch_dist checkpoint, and every optimizer-state tensor of a rank, for
+comparing two checkpoints or two runs bit for bit."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pathlib
 
 import torch
 
-__all__ = ["checkpoint_tensors"]
+__all__ = ["checkpoint_tensors", "optimizer_snapshot"]
 
 
 def checkpoint_tensors(ckpt_dir: pathlib.Path, scratch: pathlib.Path) -> dict:
@@ -25,4 +26,26 @@ def checkpoint_tensors(ckpt_dir: pathlib.Path, scratch: pathlib.Path) -> dict:
             out[path] = node
 
     walk(torch.load(scratch, weights_only=False), "")
+    return out
+
+
+def optimizer_snapshot(model, optimizer) -> dict:
+    """This rank's model params ("model") and, per param with a local main shard, that
+    shard's main param ("main") and every optimizer-state tensor (AdamW's moments and step,
+    Muon's momentum), with the shard's range in the flat param ("ranges")."""
+    from muon_megatron.testing import tiny
+
+    named = list(tiny.unwrap(model[0]).named_parameters())
+    out = {"model": {n: p.detach().clone() for n, p in named}}
+    for member in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for name, param in named:
+            if param not in member.model_param_group_index_map:
+                continue
+            gi, order = member.model_param_group_index_map[param]
+            main = member.optimizer.param_groups[gi]["params"][order]
+            state = member.optimizer.state[main]
+            out[name] = {"main": main.detach().clone()}
+            out[name].update({k: v.detach().clone() for k, v in state.items()})
+            shard = member._get_model_param_range_map(param)["param"]
+            out.setdefault("ranges", {})[name] = (shard.start, shard.end)
     return out

@@ -1,18 +1,17 @@
 """`muon_megatron.bridge.MuonOptimizerConfig.provide()`: what Megatron-Bridge's
 `setup_optimizer` calls builds the optimizer `get_muon_optimizer` builds, step for step.
 
-Megatron-Bridge itself (0.6.2) needs Python >= 3.12 and imports Transformer Engine at
-import time (`peft/lora_layers.py`), so it does not run in this project's CPU environment;
-the call is made here as Bridge's `training/optim.py::setup_optimizer` makes it, keyword for
-keyword (model_chunks, config_overrides, use_gloo_process_groups, pg_collection).
+The first test makes the call as Bridge's `training/optim.py::setup_optimizer` makes it,
+keyword for keyword (model_chunks, config_overrides, use_gloo_process_groups, pg_collection),
+without Bridge. The second runs Bridge's own `setup_optimizer`; it needs Megatron-Bridge
+installed (tests/bridge.sh installs it in CI) and runs its ranks under the Transformer Engine
+stand-in, which Bridge imports at import time (`muon_megatron.testing.bridge`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
-import pytest
 import torch
 
 from muon_megatron.bridge.recipes import MOONLIGHT_MUON
@@ -42,9 +41,10 @@ def _train(rank: int, world: int, how: str) -> dict[str, dict[str, torch.Tensor]
         config = MuonOptimizerConfig(**fields, muon=MUON)
         config.finalize()
         if how == "bridge":
-            from megatron.bridge.training.optim import setup_optimizer
+            from muon_megatron.testing.bridge import import_bridge_training
 
-            optimizer, _ = setup_optimizer(config, _constant_schedule(base), model)
+            optim, _ = import_bridge_training()
+            optimizer, _ = optim.setup_optimizer(config, _constant_schedule(base), model)
         else:  # Bridge's call (training/optim.py::setup_optimizer), keyword for keyword
             optimizer = config.provide(model_chunks=model, config_overrides=None,
                                        use_gloo_process_groups=False, pg_collection=None)
@@ -86,14 +86,16 @@ def test_provide_steps_equal_to_get_muon_optimizer() -> None:
         torch.testing.assert_close(provided[name], direct[name], rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("megatron.bridge") is None,
-                    reason="Megatron-Bridge is not importable here; docs/bridge.md says how it "
-                    "was run (Python 3.12, the tests' Transformer Engine stand-in)")
-def test_bridge_setup_optimizer_builds_it_and_steps_equal() -> None:
+def _direct_and_bridged() -> tuple[dict, dict]:
+    return spawn(_train, 2, "direct")[0]["after"], spawn(_train, 2, "bridge")[0]["after"]
+
+
+def test_bridge_setup_optimizer_builds_it_and_steps_equal(megatron_bridge, te_stand_in) -> None:
     """Bridge's own `setup_optimizer` (its default weight-decay overrides, its scheduler at
     a constant lr and weight decay) builds a muon-megatron optimizer through `provide()`,
-    and 3 DP2 steps give the weights `get_muon_optimizer`'s build gives, bitwise."""
-    direct = spawn(_train, 2, "direct")[0]["after"]
-    bridged = spawn(_train, 2, "bridge")[0]["after"]
+    and 3 DP2 steps give the weights `get_muon_optimizer`'s build gives, bitwise (both runs
+    under the TE stand-in)."""
+    direct, bridged = te_stand_in.in_te_process(_direct_and_bridged)
+    assert direct.keys() == bridged.keys()
     for name in direct:
         torch.testing.assert_close(bridged[name], direct[name], rtol=0, atol=0, msg=name)

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from muon_megatron.runtime.launch import spawn
+from muon_megatron.testing.checkpoint_tensors import optimizer_snapshot as _snapshot
 from muon_megatron.tools.verify import FP32_TOLERANCE
 
 SEED, DATA_SEED = 1234, 7
@@ -99,26 +100,6 @@ def _setup(job: Job):
         decay_style="cosine",
     )
     return spec, layout, model, optimizer, scheduler
-
-
-def _snapshot(model, optimizer) -> dict[str, dict[str, torch.Tensor]]:
-    """This rank's model params and, per local main shard, every optimizer-state tensor."""
-    from muon_megatron.testing import tiny
-
-    named = list(tiny.unwrap(model[0]).named_parameters())
-    out = {"model": {n: p.detach().clone() for n, p in named}}
-    for member in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for name, param in named:
-            if param not in member.model_param_group_index_map:
-                continue
-            gi, order = member.model_param_group_index_map[param]
-            main = member.optimizer.param_groups[gi]["params"][order]
-            state = member.optimizer.state[main]
-            out[name] = {"main": main.detach().clone()}
-            out[name].update({k: v.detach().clone() for k, v in state.items()})
-            shard = member._get_model_param_range_map(param)["param"]
-            out.setdefault("ranges", {})[name] = (shard.start, shard.end)
-    return out
 
 
 def _full_states(per_rank: list[dict], what: str) -> dict[str, dict[str, torch.Tensor]]:
