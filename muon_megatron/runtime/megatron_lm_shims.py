@@ -62,6 +62,7 @@ def install_megatron_lm_cpu_shims() -> bool:
     _stand_in_batch_invariant_kernels()
     _reuse_prebuilt_dataset_helpers()
     _install_initialize_shims()
+    _install_device_arch()
     _install_cuda_views()
     _install_checkpoint_writer_queue()
     _INSTALLED = True
@@ -210,6 +211,24 @@ def _install_initialize_shims() -> None:
     if not _patching._is_shim(initialize._warmup_jit_function):
         # core_v0.19 added a `tp_size` argument: take whatever the release passes.
         initialize._warmup_jit_function = _patching._mark(lambda *args, **kwargs: None)
+
+
+# The GPU architecture Megatron-LM's argument checks take for a CPU process: Hopper (H100), the
+# GPU these runs stand in for.
+_CPU_AS_ARCH = 9
+
+
+def _install_device_arch() -> None:
+    """arguments.py:927-953 (validate_args) asks `get_device_arch_version()`
+    (training/utils.py:446, `torch.cuda.get_device_properties`) whether the GPU predates
+    Blackwell whenever TP or CP > 1, and that raises without CUDA. Answer Hopper's 9, so a CPU
+    run takes the checks of the H100 path (with TP or CP: CUDA_DEVICE_MAX_CONNECTIONS=1, which
+    `muon_megatron.testing.megatron_lm_run` sets). Only the name `arguments` imported is
+    rebound; the function itself, and every other caller, are left as they are."""
+    from megatron.training import arguments
+
+    if not _patching._is_shim(arguments.get_device_arch_version):
+        arguments.get_device_arch_version = _patching._mark(lambda: _CPU_AS_ARCH)
 
 
 # --------------------------------------------------------------------------------------------
