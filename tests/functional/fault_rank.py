@@ -17,6 +17,10 @@ saves by torch_dist's synchronous writes, so the points mean the same in both en
 * `before-param-gather:<n>`: in iteration n, after the inner optimizer step has updated this
   rank's main shards and copied them to its model params, before the data-parallel param
   all-gather.
+* `async-save-file:<n>`: as `save-file`, in the n-th save, which must be an `--async-save`
+  one: its files are written by megatron-core's persistent checkpoint worker while the rank
+  trains on, and the kill lands there, before the save is finalized (checksums, tracker).
+  A synchronous n-th save does not match, and the rank is not killed.
 
 The kill is SIGKILL to the rank's process, what `kill -9` does: no Python cleanup, no
 exception, no flush; the processes the rank forked (megatron-core's checkpoint writers) get
@@ -33,19 +37,28 @@ import signal
 import sys
 
 ENV = "MUON_TEST_FAULT"
-POINTS = ("save-file", "before-scatter", "before-param-gather")
+POINTS = ("save-file", "async-save-file", "before-scatter", "before-param-gather")
 
 
 def _kill(pid: int) -> None:
-    """SIGKILL the rank `pid` and the other processes it forked (the checkpoint writers):
-    orphaned, a writer can block forever on a queue whose reader died, holding the launcher's
-    output pipe open."""
+    """SIGKILL the rank `pid` and every process under it (the checkpoint writers, the
+    persistent checkpoint worker and its writers): orphaned, a writer can block forever on a
+    queue whose reader died, holding the launcher's output pipe open."""
     sys.stdout.flush()
-    for child in _children(pid):
+    for child in _descendants(pid):
         if child != os.getpid():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
     os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        children = _children(todo.pop())
+        found += children
+        todo += children
+    return found
 
 
 def _children(pid: int) -> list[int]:
@@ -87,9 +100,10 @@ def _install(point: str, n: int) -> None:
 
     MuonDistributedOptimizer.step_with_ready_grads = marked_step
 
-    if point == "save-file":
-        # A synchronous torch_dist save runs this once, in the rank's process, and it forks
-        # one writer per shard file (both entries).
+    if point in ("save-file", "async-save-file"):
+        # A torch_dist save runs this once, in the rank's process (synchronous) or in the
+        # persistent checkpoint worker it forked (--async-save, the saves in order), and it
+        # forks one writer per shard file (both entries).
         write_all = FileSystemWriterAsync.write_preloaded_data_multiproc
 
         @functools.wraps(write_all)
@@ -103,8 +117,11 @@ def _install(point: str, n: int) -> None:
         @functools.wraps(write)
         def write_then_kill(transform_list, local_proc_idx, *args, **kwargs):
             write(transform_list, local_proc_idx, *args, **kwargs)
-            # This runs in the forked writer of one file; the counter is the rank's, as forked.
-            if count["saves"] == n and local_proc_idx == 0:
+            # This runs in the forked writer of one file; the counter is that of the process
+            # that forked it (the rank, or its checkpoint worker), as forked. A writer of an
+            # async save is the worker's child, not the rank's.
+            is_async = os.getppid() != rank_pid
+            if count["saves"] == n and local_proc_idx == 0 and is_async == (point != "save-file"):
                 _kill(rank_pid)
                 os._exit(0)  # this writer has nothing left to report to
 
