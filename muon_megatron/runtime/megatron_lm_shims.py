@@ -132,7 +132,7 @@ def _install_checkpoint_writer_queue() -> None:
 def _install_persistent_checkpoint_worker() -> None:
     """`--async-save` needs `--use-persistent-ckpt-worker` in Megatron-LM (arguments.py:1138);
     the worker (dist_checkpointing/strategies/async_utils.py:289-512, `PersistentAsyncCaller`)
-    is a *spawned* process, for the CUDA-context reason of `_install_checkpoint_writer_queue`,
+    is a *spawned* process (core_v0.19: forkserver), for the CUDA-context reason of `_install_checkpoint_writer_queue`,
     and on CPU it dies before its first save, leaving every rank blocked in
     `preload_q.join()` (async_utils.py:345): the spawned child re-runs pretrain_gpt.py as
     `__mp_main__` without these shims (ModuleNotFoundError: triton), and past that,
@@ -143,8 +143,11 @@ def _install_persistent_checkpoint_worker() -> None:
     unchanged, with this process's shims."""
     from megatron.core.dist_checkpointing.strategies import async_utils
 
-    def get_context(method: str | None = None) -> Any:  # core_v0.19 passes mp_mode='spawn'
-        return async_utils.mp._real.get_context("fork" if method == "spawn" else method)
+    def get_context(method: str | None = None) -> Any:
+        # core_v0.19's training/initialize.py:74 starts the worker with mp_mode='forkserver',
+        # as fresh an interpreter as 'spawn'.
+        fresh = method in ("spawn", "forkserver")
+        return async_utils.mp._real.get_context("fork" if fresh else method)
 
     if not isinstance(async_utils.__dict__.get("mp"), _patching._TorchView):
         async_utils.mp = _patching._TorchView(async_utils.mp, {"get_context": _patching._mark(get_context)})

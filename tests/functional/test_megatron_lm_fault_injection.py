@@ -44,7 +44,11 @@ TRAIN_ITERS, SAVE_INTERVAL = 6, 2
 RUN_TIMEOUT_S = 600.0
 # Megatron-LM's asynchronous save: the rank hands its tensors to megatron-core's persistent
 # checkpoint worker and trains on; the save is finalized (checksums, tracker) at a later step.
+# From core_v0.19 the default async strategy is nvidia-resiliency-ext's ('nvrx', a package not
+# installed here); megatron-core's own worker is `--async-strategy mcore`.
 ASYNC_SAVE = ("--async-save", "--use-persistent-ckpt-worker")
+if "async_strategy" in (pathlib.Path(megatron_lm_dir()) / "megatron/training/arguments.py").read_text():
+    ASYNC_SAVE += ("--async-strategy", "mcore")
 # point -> (MUON_TEST_FAULT, the iteration the tracker must name after the kill, run flags)
 FAULTS = {
     "mid-save": ("save-file:2", 2, ()),
