@@ -62,8 +62,10 @@ def install_megatron_lm_cpu_shims() -> bool:
     _stand_in_batch_invariant_kernels()
     _reuse_prebuilt_dataset_helpers()
     _install_initialize_shims()
+    _install_device_arch()
     _install_cuda_views()
     _install_checkpoint_writer_queue()
+    _install_persistent_checkpoint_worker()
     _INSTALLED = True
     return True
 
@@ -125,6 +127,30 @@ def _install_checkpoint_writer_queue() -> None:
     for name in ("_get_write_results_queue", "get_write_results_queue"):
         if hasattr(filesystem_async, name):
             _patching._wrap_function(filesystem_async, name, forked)
+
+
+def _install_persistent_checkpoint_worker() -> None:
+    """`--async-save` needs `--use-persistent-ckpt-worker` in Megatron-LM (arguments.py:1138);
+    the worker (dist_checkpointing/strategies/async_utils.py:289-512, `PersistentAsyncCaller`)
+    is a *spawned* process (core_v0.19: forkserver), for the CUDA-context reason of `_install_checkpoint_writer_queue`,
+    and on CPU it dies before its first save, leaving every rank blocked in
+    `preload_q.join()` (async_utils.py:345): the spawned child re-runs pretrain_gpt.py as
+    `__mp_main__` without these shims (ModuleNotFoundError: triton), and past that,
+    `async_loop` calls `torch.cuda.set_device(rank % torch.cuda.device_count())` (488), a
+    ZeroDivisionError with no device. Start the worker by fork, as Megatron already starts the
+    writers under it (scoped to async_utils' own `mp` global), and give `async_loop` one
+    device to select, a no-op on CPU (`_CUDA_OVERRIDES`); the worker then runs Megatron's loop
+    unchanged, with this process's shims."""
+    from megatron.core.dist_checkpointing.strategies import async_utils
+
+    def get_context(method: str | None = None) -> Any:
+        # core_v0.19's training/initialize.py:74 starts the worker with mp_mode='forkserver',
+        # as fresh an interpreter as 'spawn'.
+        fresh = method in ("spawn", "forkserver")
+        return async_utils.mp._real.get_context("fork" if fresh else method)
+
+    if not isinstance(async_utils.__dict__.get("mp"), _patching._TorchView):
+        async_utils.mp = _patching._TorchView(async_utils.mp, {"get_context": _patching._mark(get_context)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +238,24 @@ def _install_initialize_shims() -> None:
         initialize._warmup_jit_function = _patching._mark(lambda *args, **kwargs: None)
 
 
+# The GPU architecture Megatron-LM's argument checks take for a CPU process: Hopper (H100), the
+# GPU these runs stand in for.
+_CPU_AS_ARCH = 9
+
+
+def _install_device_arch() -> None:
+    """arguments.py:927-953 (validate_args) asks `get_device_arch_version()`
+    (training/utils.py:446, `torch.cuda.get_device_properties`) whether the GPU predates
+    Blackwell whenever TP or CP > 1, and that raises without CUDA. Answer Hopper's 9, so a CPU
+    run takes the checks of the H100 path (with TP or CP: CUDA_DEVICE_MAX_CONNECTIONS=1, which
+    `muon_megatron.testing.megatron_lm_run` sets). Only the name `arguments` imported is
+    rebound; the function itself, and every other caller, are left as they are."""
+    from megatron.training import arguments
+
+    if not _patching._is_shim(arguments.get_device_arch_version):
+        arguments.get_device_arch_version = _patching._mark(lambda: _CPU_AS_ARCH)
+
+
 # --------------------------------------------------------------------------------------------
 # torch.cuda and device='cuda' in Megatron-LM's training modules
 # --------------------------------------------------------------------------------------------
@@ -241,6 +285,12 @@ _CUDA_OVERRIDES: dict[str, dict[str, Any]] = {
     "megatron.training.checkpointing": dict(_CPU_RNG),
     # core rerun_state_machine.py:957/970: the RNG state saved around a rerun.
     "megatron.core.rerun_state_machine": dict(_CPU_RNG),
+    # core dist_checkpointing/strategies/async_utils.py:488: the persistent checkpoint
+    # worker selects `rank % device_count()` (see `_install_persistent_checkpoint_worker`).
+    "megatron.core.dist_checkpointing.strategies.async_utils": {
+        "device_count": _patching._mark(lambda: 1),
+        "set_device": _patching._mark(lambda device: None),
+    },
 }
 
 # Megatron-LM modules that create tensors with a literal device='cuda' (core_v0.16.1 lines).

@@ -14,8 +14,10 @@ the per-iteration `lm loss` Megatron-LM printed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -84,8 +86,9 @@ def run_pretrain_gpt(
 ) -> tuple[int, str]:
     """Run `pretrain_gpt.py ARGS` on `nproc` CPU ranks; return (returncode, stdout+stderr).
 
-    A run that exceeds `timeout_s` is killed and reported with returncode -9 and what it
-    printed so far.
+    A run that exceeds `timeout_s` is killed, the launcher and every process under it (torchrun
+    starts each rank in a session of its own, out of reach of a process-group kill), and
+    reported with returncode -9 and what it printed so far.
     """
     mlm_dir = mlm_dir or megatron_lm_dir()
     if mlm_dir is None:
@@ -122,10 +125,30 @@ def run_pretrain_gpt(
     try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         output, _ = proc.communicate()
         return -9, output + f"\n[megatron_lm_run] killed after {timeout_s:.0f} s\n"
     return proc.returncode, output
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under `pid`, read from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{entry}/stat") as stat:
+                    # pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+                parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
 
 
 def tiny_gpt_args(

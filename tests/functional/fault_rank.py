@@ -7,7 +7,7 @@ runs `muon_megatron.training.entry.main` as a torchrun rank would, after wrappin
 outside, the functions that mark the point; nothing in the package knows about it. Under
 Megatron-LM's `pretrain_gpt.py`, `fault_site/sitecustomize.py` calls `install_from_env()` in
 the rank that MUON_TEST_FAULT_RANK names. Iterations are counted by the optimizer's steps,
-saves by torch_dist's synchronous writes, so the points mean the same in both entries:
+saves by torch_dist's writes, so the points mean the same in both entries:
 
 * `save-file:<n>`: in the n-th checkpoint save, once this rank's first shard file (`.distcp`)
   is written and closed; its other shard files may be half written, and the coordinator's
@@ -17,11 +17,16 @@ saves by torch_dist's synchronous writes, so the points mean the same in both en
 * `before-param-gather:<n>`: in iteration n, after the inner optimizer step has updated this
   rank's main shards and copied them to its model params, before the data-parallel param
   all-gather.
+* `async-save-file:<n>`: as `save-file`, in the n-th save, which must be an `--async-save`
+  one: its files are written by megatron-core's persistent checkpoint worker while the rank
+  trains on, and the kill lands there, before the save is finalized (checksums, tracker).
+  A synchronous n-th save does not match, and the rank is not killed.
 
 The kill is SIGKILL to the rank's process, what `kill -9` does: no Python cleanup, no
 exception, no flush; the processes the rank forked (megatron-core's checkpoint writers) get
 one too. A shard file is written by a process megatron-core forks per file, so `save-file`
-kills the rank (its parent) from there.
+kills the rank (its parent) from there; megatron-core 0.19 writes in threads of the saving
+process instead, and the kill comes from that thread.
 """
 
 from __future__ import annotations
@@ -33,19 +38,28 @@ import signal
 import sys
 
 ENV = "MUON_TEST_FAULT"
-POINTS = ("save-file", "before-scatter", "before-param-gather")
+POINTS = ("save-file", "async-save-file", "before-scatter", "before-param-gather")
 
 
 def _kill(pid: int) -> None:
-    """SIGKILL the rank `pid` and the other processes it forked (the checkpoint writers):
-    orphaned, a writer can block forever on a queue whose reader died, holding the launcher's
-    output pipe open."""
+    """SIGKILL the rank `pid` and every process under it (the checkpoint writers, the
+    persistent checkpoint worker and its writers): orphaned, a writer can block forever on a
+    queue whose reader died, holding the launcher's output pipe open."""
     sys.stdout.flush()
-    for child in _children(pid):
+    for child in _descendants(pid):
         if child != os.getpid():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
     os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        children = _children(todo.pop())
+        found += children
+        todo += children
+    return found
 
 
 def _children(pid: int) -> list[int]:
@@ -61,7 +75,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _install(point: str, n: int) -> None:
-    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
     from megatron.core.dist_checkpointing.strategies.filesystem_async import (
         FileSystemWriterAsync,
     )
@@ -87,26 +101,34 @@ def _install(point: str, n: int) -> None:
 
     MuonDistributedOptimizer.step_with_ready_grads = marked_step
 
-    if point == "save-file":
-        # A synchronous torch_dist save runs this once, in the rank's process, and it forks
-        # one writer per shard file (both entries).
-        write_all = FileSystemWriterAsync.write_preloaded_data_multiproc
+    if point in ("save-file", "async-save-file"):
+        # A torch_dist save runs this once, in the rank's process (synchronous) or in the
+        # persistent checkpoint worker it forked (--async-save, the saves in order), in both
+        # entries. It writes each shard file in a process it forks (megatron-core 0.16,
+        # `..._multiproc`) or in a thread of its own (0.19, `..._multithread`).
+        name = next(n for n in ("write_preloaded_data_multiproc", "write_preloaded_data_multithread")
+                    if hasattr(FileSystemWriterAsync, n))  # fmt: skip
+        write_all = getattr(FileSystemWriterAsync, name)
 
         @functools.wraps(write_all)
         def counted_save(*args, **kwargs):
             count["saves"] += 1
             return write_all(*args, **kwargs)
 
-        FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(counted_save)
+        setattr(FileSystemWriterAsync, name, staticmethod(counted_save))
         write = FileSystemWriterAsync.write_preloaded_data
 
         @functools.wraps(write)
         def write_then_kill(transform_list, local_proc_idx, *args, **kwargs):
-            write(transform_list, local_proc_idx, *args, **kwargs)
-            # This runs in the forked writer of one file; the counter is the rank's, as forked.
-            if count["saves"] == n and local_proc_idx == 0:
+            result = write(transform_list, local_proc_idx, *args, **kwargs)
+            # The counter is that of the process running the save (the rank, or its checkpoint
+            # worker), as a forked writer inherited it. The writer of an async save is the
+            # worker or its child, neither the rank nor the rank's child.
+            is_async = rank_pid not in (os.getpid(), os.getppid())
+            if count["saves"] == n and local_proc_idx == 0 and is_async == (point != "save-file"):
                 _kill(rank_pid)
-                os._exit(0)  # this writer has nothing left to report to
+                os._exit(0)  # a forked writer has nothing left to report to
+            return result
 
         FileSystemWriterAsync.write_preloaded_data = staticmethod(write_then_kill)
     elif point == "before-scatter":
@@ -120,7 +142,10 @@ def _install(point: str, n: int) -> None:
 
         MuonDistributedOptimizer._phase4_start_scatter = kill_then_scatter
     elif point == "before-param-gather":
-        start_param_sync = DistributedDataParallel.start_param_sync
+        # Each bucket group's all-gather: megatron-core 0.16 reaches it through
+        # DistributedDataParallel.start_param_sync, 0.19 through the optimizer's
+        # start_param_sync_for_bucket_group_subset (DDP._start_bucket_group_param_sync).
+        start_param_sync = _ParamAndGradBucketGroup.start_param_sync
 
         @functools.wraps(start_param_sync)
         def kill_then_sync(self, *args, **kwargs):
@@ -128,7 +153,7 @@ def _install(point: str, n: int) -> None:
                 _kill(rank_pid)
             return start_param_sync(self, *args, **kwargs)
 
-        DistributedDataParallel.start_param_sync = kill_then_sync
+        _ParamAndGradBucketGroup.start_param_sync = kill_then_sync
     else:
         raise ValueError(f"{ENV}={point}:{n}: the point must be one of {POINTS}")
 
