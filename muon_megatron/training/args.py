@@ -16,11 +16,11 @@ from typing import Any
 from muon_megatron.config_flags import add_muon_config_args, muon_config_from_args
 from muon_megatron.training.data import VOCAB_SIZE
 from muon_megatron.training.indexed_data import add_data_args, data_errors
+from muon_megatron.training.interleaving import interleaved_batch_errors, virtual_pipeline_errors
 from muon_megatron.training.writers import add_writer_args, writer_errors
 
 __all__ = ["build_parser", "layout_errors", "validate_args", "default_world_size",
-           "moe_layer_pattern", "model_dims", "virtual_pipeline_size",
-           "interleaved_microbatch_error"]
+           "moe_layer_pattern", "model_dims"]
 
 
 def _moe_layer_freq(text: str) -> int | list[int]:
@@ -79,10 +79,9 @@ def build_parser(data: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
                    help="Default: the tensor-parallel size (as in Megatron-LM).")
     g.add_argument("--context-parallel-size", type=int, default=1, help="Refused above 1.")
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
-                   help="Interleaved pipeline: layers per model chunk (virtual stage).")
-    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
-                   help="Interleaved pipeline: model chunks (virtual stages) per pipeline rank.")
+    for vpp, what in (("layers-per-virtual-pipeline-stage", "layers per model chunk"),
+                      ("virtual-stages-per-pipeline-rank", "model chunks per pipeline rank")):
+        g.add_argument(f"--num-{vpp}", type=int, default=None, help=f"Interleaving: {what}.")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
@@ -272,7 +271,7 @@ def layout_errors(args: argparse.Namespace, world_size: int) -> list[str]:
     if args.optimizer == "muon":  # get_muon_optimizer's own refusals, before any process starts
         from muon_megatron.optimizer.builder import parallelism_errors
         errors.extend(parallelism_errors(cp))
-    errors.extend(_virtual_pipeline_errors(args))
+    errors.extend(virtual_pipeline_errors(args))
     need(world_size % (tp * pp * cp) == 0,
          f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
     dp = world_size // (tp * pp * cp) if world_size % (tp * pp * cp) == 0 else 1
@@ -322,60 +321,6 @@ def layout_errors(args: argparse.Namespace, world_size: int) -> list[str]:
     return errors
 
 
-def virtual_pipeline_size(args: argparse.Namespace) -> int | None:
-    """Model chunks (virtual stages) per pipeline rank, derived as Megatron-LM's
-    `validate_args` derives `virtual_pipeline_model_parallel_size` (None: not interleaved;
-    a derived 1 is None too). Call after `_virtual_pipeline_errors` found nothing."""
-    per_stage = args.num_layers_per_virtual_pipeline_stage
-    if per_stage is not None:
-        size = args.num_layers // args.pipeline_model_parallel_size // per_stage
-    else:
-        size = args.num_virtual_stages_per_pipeline_rank
-    return size if size is not None and size > 1 else None
-
-
-def _virtual_pipeline_errors(args: argparse.Namespace) -> list[str]:
-    """What keeps the interleaved pipeline the flags ask for from being built."""
-    per_stage = args.num_layers_per_virtual_pipeline_stage
-    stages = args.num_virtual_stages_per_pipeline_rank
-    if per_stage is None and stages is None:
-        return []
-    pp, layers = args.pipeline_model_parallel_size, args.num_layers
-    if per_stage is not None and stages is not None:
-        return ["--num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-"
-                "pipeline-rank both set: give one of them"]
-    if (per_stage or stages) < 1:
-        return [f"--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-"
-                f"rank {per_stage or stages} must be >= 1"]
-    errors = []
-    if args.decoder_first_pipeline_num_layers or args.decoder_last_pipeline_num_layers:
-        errors.append("the training entry splits an interleaved pipeline evenly: drop "
-                      "--decoder-first/last-pipeline-num-layers or the virtual-stage flag")
-    if per_stage is not None and layers % (pp * per_stage):
-        errors.append(f"--num-layers {layers} is not divisible by pp x "
-                      f"--num-layers-per-virtual-pipeline-stage = {pp} x {per_stage}")
-    if stages is not None and layers % (pp * stages):
-        errors.append(f"--num-layers {layers} is not divisible by pp x "
-                      f"--num-virtual-stages-per-pipeline-rank = {pp} x {stages}")
-    if not errors and virtual_pipeline_size(args) is not None and pp < 2:
-        errors.append("an interleaved pipeline (virtual stages) needs "
-                      f"--pipeline-model-parallel-size >= 2, got {pp}; drop the virtual-stage "
-                      "flag")
-    return errors
-
-
-def interleaved_microbatch_error(num_microbatches: int, pp: int) -> str | None:
-    """Why megatron-core's interleaved schedule cannot run `num_microbatches` micro-batches
-    per step on `pp` pipeline ranks (it takes them in groups of `pp`, one group per model
-    chunk in turn, and refuses a partial group), or None."""
-    if num_microbatches % pp == 0:
-        return None
-    return (f"an interleaved pipeline runs the micro-batches of a step in groups of pp={pp}: "
-            f"{num_microbatches} micro-batches per step (global batch / (micro-batch size x "
-            f"data-parallel size)) is not a multiple of {pp}; change --global-batch-size or "
-            "--micro-batch-size")
-
-
 def _mla_errors(args: argparse.Namespace, tp: int) -> list[str]:
     """MLA's shapes under TP: every projection is column-parallel in the local layers, so
     each output dim must split evenly (megatron-core does not check it)."""
@@ -411,9 +356,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     need(args.global_batch_size % (args.micro_batch_size * dp) == 0,
          f"--global-batch-size {args.global_batch_size} must be a multiple of "
          f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dp}")
-    if not errors and virtual_pipeline_size(args) is not None:
-        micro = args.global_batch_size // (args.micro_batch_size * dp)
-        errors.extend(filter(None, [interleaved_microbatch_error(micro, pp)]))
+    errors.extend([] if errors else interleaved_batch_errors(args, dp))
     need(not args.fp16, "--fp16 is not supported with muon-megatron; use --bf16")
     need(args.context_parallel_size == 1, f"--context-parallel-size {args.context_parallel_size}:"
          " the training entry's local attention does not support context parallelism; use 1")

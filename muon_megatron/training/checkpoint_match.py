@@ -3,7 +3,7 @@
 `training.checkpointing.load_checkpoint` asks this module, from the checkpoint's tensor
 metadata alone, whether every parameter finds the state it needs, redirects the requests of
 an optimizer switch (AdamW's `exp_avg` <-> Muon's momentum, fully_reshardable only),
-refuses a dp_reshardable checkpoint saved under another TP/PP/EP layout (naming both), and
+refuses a dp_reshardable checkpoint saved under another TP/PP/VPP/EP layout (naming both), and
 fits the saved chain of optimizers to this run's (`optimizer.chain_fit`: EP1 <-> EP > 1).
 Every problem is raised on every rank together (`CheckpointMismatchError`), naming the
 parameter and the fix.

@@ -32,7 +32,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
-from muon_megatron.training.args import model_dims, virtual_pipeline_size
+from muon_megatron.training.args import model_dims
+from muon_megatron.training.interleaving import virtual_pipeline_size
 from muon_megatron.training.indexed_data import model_vocab_size
 from muon_megatron.training.mla import (
     fix_local_mla_gradients,

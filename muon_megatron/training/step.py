@@ -26,7 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from muon_megatron.config import MuonConfig
 from muon_megatron.config_flags import muon_config_from_args
 from muon_megatron.optimizer.builder import get_muon_optimizer, muon_optimizers
-from muon_megatron.training.args import interleaved_microbatch_error
+from muon_megatron.training.interleaving import interleaved_microbatch_error
 from muon_megatron.training.model import PARAMS_DTYPES, device, unwrap
 
 __all__ = [
@@ -205,7 +205,8 @@ def forward_backward(
         for i in range(n)
     ]
     if len(model) > 1:
-        error = interleaved_microbatch_error(n, parallel_state.get_pipeline_model_parallel_world_size())
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        error = interleaved_microbatch_error(n, pp)
         if error:
             raise ValueError(error)
     # Interleaved: one iterator per model chunk, each over every micro-batch (a chunk that

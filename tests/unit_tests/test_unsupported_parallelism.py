@@ -18,7 +18,8 @@ from muon_megatron.megatron_lm import hooks
 from muon_megatron.megatron_lm.arguments import muon_extra_args_provider
 from muon_megatron.optimizer import builder
 from muon_megatron.training import entry
-from muon_megatron.training.args import build_parser, validate_args, virtual_pipeline_size
+from muon_megatron.training.args import build_parser, validate_args
+from muon_megatron.training.interleaving import virtual_pipeline_size
 
 VPP = "--num-layers-per-virtual-pipeline-stage"
 STAGES = "--num-virtual-stages-per-pipeline-rank"
@@ -74,7 +75,8 @@ def test_training_entry_accepts_an_interleaved_pipeline(flags, optimizer) -> Non
 
 @pytest.mark.parametrize(
     "flags, size",
-    [([VPP, "4"], None), ([STAGES, "1"], None), ([VPP, "2"], 2), ([VPP, "1"], 4), ([STAGES, "4"], 4)],
+    [([VPP, "4"], None), ([STAGES, "1"], None), ([VPP, "2"], 2), ([VPP, "1"], 4),
+     ([STAGES, "4"], 4)],
 )
 def test_virtual_stages_derive_as_megatron_lm_derives_them(flags, size) -> None:
     """Megatron-LM's validate_args: layers per stage / layers per virtual stage, or the
