@@ -227,9 +227,7 @@ def _check_muon_run(args: argparse.Namespace) -> MuonConfig:
                 "DistributedOptimizer; use --use-distributed-optimizer without FSDP."
             )
     _check_qk_clip(args)
-    # Read before Megatron-LM's validate_args derives virtual_pipeline_model_parallel_size.
-    vpp = any(getattr(args, f, None) for f in _VIRTUAL_PIPELINE_FLAGS)
-    check_parallelism(2 if vpp else 1, getattr(args, "context_parallel_size", 1) or 1)
+    check_parallelism(getattr(args, "context_parallel_size", 1) or 1)
     ckpt_format = getattr(args, "ckpt_format", _SUPPORTED_CKPT_FORMAT)
     if ckpt_format != _SUPPORTED_CKPT_FORMAT and (getattr(args, "save", None) or getattr(args, "load", None)):
         raise ValueError(
@@ -239,11 +237,6 @@ def _check_muon_run(args: argparse.Namespace) -> MuonConfig:
             "change TP/PP/EP on resume)."
         )
     return muon_config
-
-
-_VIRTUAL_PIPELINE_FLAGS = ("num_layers_per_virtual_pipeline_stage",
-                           "num_virtual_stages_per_pipeline_rank",
-                           "virtual_pipeline_model_parallel_size")
 
 
 def _check_qk_clip(args: argparse.Namespace) -> None:

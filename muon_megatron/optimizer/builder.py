@@ -69,20 +69,12 @@ def check_supported(config) -> None:
         )
 
 
-def parallelism_errors(model_chunks: int, context_parallel_size: int) -> list[str]:
-    """Why Muon refuses a run with `model_chunks` model chunks per rank (an interleaved
-    pipeline) or context parallelism: neither has been run or tested. One message per
-    problem, naming the flag and the way out ([] when neither is used)."""
+def parallelism_errors(context_parallel_size: int) -> list[str]:
+    """Why Muon refuses a run with context parallelism: it has not been run or tested. One
+    message per problem, naming the flag and the way out ([] when it is not used).
+    Interleaved pipelines (several model chunks per rank) are supported: the plan names
+    every matrix by its global layer (`plan.plan_names`)."""
     errors = []
-    if model_chunks > 1:
-        errors.append(
-            f"--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank "
-            f"({model_chunks} model chunks per rank, an interleaved pipeline) is not supported "
-            "with --optimizer muon: its plan keys matrices by chunk-local names, which repeat "
-            "across a rank's virtual stages (owners, Newton-Schulz accounting, the checkpoint's "
-            "momentum), and it has never been tested; drop the flag (plain "
-            "--pipeline-model-parallel-size works)."
-        )
     if context_parallel_size > 1:
         errors.append(
             f"--context-parallel-size {context_parallel_size} is not supported with --optimizer "
@@ -92,9 +84,9 @@ def parallelism_errors(model_chunks: int, context_parallel_size: int) -> list[st
     return errors
 
 
-def check_parallelism(model_chunks: int, context_parallel_size: int) -> None:
+def check_parallelism(context_parallel_size: int) -> None:
     """ValueError with every `parallelism_errors` message, if any."""
-    errors = parallelism_errors(model_chunks, context_parallel_size)
+    errors = parallelism_errors(context_parallel_size)
     if errors:
         raise ValueError("\n".join(errors))
 
@@ -157,9 +149,7 @@ def get_muon_optimizer(
     check_supported(config)
     from megatron.core.utils import get_model_config
 
-    check_parallelism(
-        len(model_chunks), getattr(get_model_config(model_chunks[0]), "context_parallel_size", 1)
-    )
+    check_parallelism(getattr(get_model_config(model_chunks[0]), "context_parallel_size", 1))
     if getattr(model_chunks[0].ddp_config, "use_megatron_fsdp", False):
         raise ValueError("Megatron-FSDP is not supported with Muon; use the ZeRO-1 DDP.")
     if getattr(model_chunks[0].ddp_config, "num_distributed_optimizer_instances", 1) > 1:

@@ -9,7 +9,8 @@ member that owns it (ownership.assign_owners); then buckets balanced across owne
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,7 +23,7 @@ from muon_megatron.routing.rules import canonical_name
 from muon_megatron.routing.splits import MatrixSplit, ModelShape, matrix_split
 from muon_megatron.routing.tp_layout import TPLayouts
 
-__all__ = ["MuonMatrix", "plan_matrices", "make_buckets"]
+__all__ = ["MuonMatrix", "plan_matrices", "plan_names", "make_buckets"]
 
 
 @dataclass
@@ -31,6 +32,8 @@ class MuonMatrix:
 
     index: int
     name: str
+    """The parameter's name with its global layer number (`plan_names`): unique among the
+    matrices of a rank, whatever its model chunks."""
     param: torch.nn.Parameter
     split: MatrixSplit
     local_shape: tuple[int, ...]
@@ -38,6 +41,8 @@ class MuonMatrix:
     group_index: int
     cost: float
     owner: int = 0
+    local_name: str = ""
+    """The name inside its model chunk (layer numbers counted from the chunk's first)."""
 
     def sends_from(self, tp_rank: int) -> bool:
         # A TP-replicated tensor is identical on every TP rank: TP rank 0's copy is used.
@@ -56,12 +61,51 @@ def _param_names(model_chunks) -> dict[torch.nn.Parameter, str]:
     return names
 
 
+_LAYERS = re.compile(r"(?:.*\.)?layers")
+_LAYER = re.compile(r"(?:[^.]+\.)*?layers\.\d+(?=\.)")
+
+
+def plan_names(model_chunks: Sequence[torch.nn.Module]) -> dict[torch.nn.Parameter, str]:
+    """Each parameter of `model_chunks` named as in the whole model: the chunk-local layer
+    index of `...layers.<i>.` replaced by the layer's global index (`layer_number - 1`, the
+    number megatron-core's `TransformerBlock.sharded_state_dict` writes in checkpoint keys).
+
+    A pipeline stage or virtual stage numbers its layers from 0 (every model chunk of an
+    interleaved pipeline has a `decoder.layers.0`); global numbers keep the names of one
+    rank's matrices apart, so they key owners, Newton-Schulz accounting, metrics and the
+    checkpoint's Muon manifest. Experts keep their local index: an expert grid holds one EP
+    rank's experts. Raises RuntimeError if two parameters still share a name."""
+    names: dict[torch.nn.Parameter, str] = {}
+    taken: dict[str, torch.nn.Parameter] = {}
+    for chunk in model_chunks:
+        renamed = {}  # 'decoder.layers.1' -> 'decoder.layers.5'
+        for module_name, module in chunk.named_modules():
+            local = canonical_name(module_name)
+            head, _, index = local.rpartition(".")
+            number = getattr(module, "layer_number", None)
+            if isinstance(number, int) and index.isdigit() and _LAYERS.fullmatch(head):
+                renamed[local] = f"{head}.{number - 1}"
+        for name, param in chunk.named_parameters():
+            name = canonical_name(name)
+            match = _LAYER.match(name)
+            if match and match.group(0) in renamed:
+                name = renamed[match.group(0)] + name[match.end() :]
+            if taken.setdefault(name, param) is not param:
+                raise RuntimeError(
+                    f"two parameters of this rank's model chunks are both named {name!r} with "
+                    "their global layer numbers: Muon's plan cannot tell them apart"
+                )
+            names[param] = name
+    return names
+
+
 def plan_matrices(opt: DistributedOptimizer, group_of: dict, is_muon: Callable) -> list[MuonMatrix]:
     """Every Muon matrix of `opt` (a DistributedOptimizer after its own __init__): its split,
     the DP ranges of each rank, its param group, its Newton-Schulz cost and its owner.
     `group_of` maps each model param to its param group (taken before ZeRO-1 sharding)."""
     model_config = get_model_config(opt.model_chunks[0])
     names = _param_names(opt.model_chunks)
+    keys = plan_names(opt.model_chunks)
     matrices: list[MuonMatrix] = []
     shape_args = asdict(ModelShape.from_transformer_config(model_config))
     # The TP layout comes from the module that owns each param (how megatron-core built it),
@@ -85,7 +129,8 @@ def plan_matrices(opt: DistributedOptimizer, group_of: dict, is_muon: Callable) 
             matrices.append(
                 MuonMatrix(
                     index=len(matrices),
-                    name=name,
+                    name=keys[param],
+                    local_name=name,
                     param=param,
                     split=split,
                     local_shape=tuple(param.shape),

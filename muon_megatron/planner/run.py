@@ -155,14 +155,18 @@ def plan(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
 
 
 def _header(args: argparse.Namespace, world: int, result: dict[str, Any]) -> list[str]:
+    from muon_megatron.training.interleaving import virtual_pipeline_size
+
     hw, model = result["hardware"], result["model"]
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     cp, ep = args.context_parallel_size, args.expert_model_parallel_size
     etp = args.expert_tensor_parallel_size or tp
     dp = world // (tp * pp * cp)
+    virtual = virtual_pipeline_size(args)
+    vpp = f" x VPP{virtual}" if virtual else ""
     return [
         f"muon-megatron plan: {world} GPUs ({world / hw.gpus_per_node:g} nodes x "
-        f"{hw.gpus_per_node}), TP{tp} PP{pp} CP{cp} DP{dp}"
+        f"{hw.gpus_per_node}), TP{tp} PP{pp}{vpp} CP{cp} DP{dp}"
         + (f", experts EP{ep} x ETP{etp} (expert DP {world // (etp * ep * pp)})"
            if args.num_experts else ""),
         f"model: {model.total_params / 1e9:.2f} B params, {model.active_params / 1e9:.2f} B "

@@ -29,13 +29,26 @@ def checkpoint_tensors(ckpt_dir: pathlib.Path, scratch: pathlib.Path) -> dict:
     return out
 
 
-def optimizer_snapshot(model, optimizer) -> dict:
-    """This rank's model params ("model") and, per param with a local main shard, that
-    shard's main param ("main") and every optimizer-state tensor (AdamW's moments and step,
-    Muon's momentum), with the shard's range in the flat param ("ranges")."""
+def named_chunk_params(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """This rank's parameters, by name; with several model chunks (an interleaved pipeline),
+    each name prefixed by its chunk's key in the checkpoint ('model0/...')."""
     from muon_megatron.testing import tiny
 
-    named = list(tiny.unwrap(model[0]).named_parameters())
+    if len(model) == 1:
+        return list(tiny.unwrap(model[0]).named_parameters())
+    return [
+        (f"model{i}/{name}", param)
+        for i, chunk in enumerate(model)
+        for name, param in tiny.unwrap(chunk).named_parameters()
+    ]
+
+
+def optimizer_snapshot(model, optimizer) -> dict:
+    """This rank's model params ("model", named by `named_chunk_params`) and, per param with
+    a local main shard, that shard's main param ("main") and every optimizer-state tensor
+    (AdamW's moments and step, Muon's momentum), with the shard's range in the flat param
+    ("ranges")."""
+    named = named_chunk_params(model)
     out = {"model": {n: p.detach().clone() for n, p in named}}
     for member in getattr(optimizer, "chained_optimizers", [optimizer]):
         for name, param in named:

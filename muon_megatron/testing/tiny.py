@@ -115,6 +115,8 @@ class Layout:
     etp: int | None = None
     """Expert tensor-parallel size; None lets megatron use `tp`."""
     sequence_parallel: bool = False
+    vpp: int | None = None
+    """Virtual stages (model chunks) per pipeline rank: an interleaved pipeline."""
 
     def dp(self, world_size: int) -> int:
         """Data-parallel size (dense params) of this layout on `world_size` ranks."""
@@ -165,6 +167,8 @@ def megatron_argv(spec: ModelSpec, layout: Layout, seed: int = 0) -> list[str]:
         argv.append(f"--expert-tensor-parallel-size={layout.etp}")
     if layout.sequence_parallel:
         argv.append("--sequence-parallel")
+    if layout.vpp is not None:
+        argv.append(f"--num-virtual-stages-per-pipeline-rank={layout.vpp}")
     if spec.swiglu:
         argv.append("--swiglu")
     if not spec.share_embeddings_and_output_weights:
@@ -212,7 +216,7 @@ def transformer_config(spec: ModelSpec, layout: Layout):
 def build_model(
     spec: ModelSpec, layout: Layout, *, ddp_overrides: dict[str, Any] | None = None
 ) -> list[torch.nn.Module]:
-    """This rank's model chunk (`training.model.build_model`): call after
+    """This rank's model chunks (`training.model.build_model`): call after
     `initialize_parallel(layout, seed)`. DDP is ZeRO-1 without overlap unless
     `ddp_overrides` says otherwise."""
     layout.check(spec, torch.distributed.get_world_size())
@@ -332,8 +336,6 @@ def full_state(
     un-sharding (TP splits, SwiGLU and QKV interleaving, PP stages, EP experts) is megatron's
     own checkpoint resharding rather than a second implementation of it.
     """
-    if len(model_chunks) != 1:
-        raise ValueError(f"full_state supports one model chunk, got {len(model_chunks)}")
     if layout.tp == layout.pp == layout.ep == 1 and layout.etp in (None, 1):
         # Pure data parallelism: every rank already holds every weight, whole.
         return _named_fp32(model_chunks[0]) if torch.distributed.get_rank() == 0 else None

@@ -126,7 +126,8 @@ class VerifySpec:
     dp: int = 1
     """Data-parallel size of the dense params."""
     model: ModelSpec | None = None
-    """None: the tiny default `ModelSpec`, dense, with `num_layers = 2 * layout.pp`."""
+    """None: the tiny default `ModelSpec`, dense, with `num_layers = 2 * layout.pp` (with
+    virtual stages, at least one layer per model chunk)."""
     steps: int = 5
     global_batch_size: int = 8
     micro_batch_size: int = 2
@@ -144,7 +145,8 @@ class VerifySpec:
     def model_spec(self) -> ModelSpec:
         if self.model is not None:
             return self.model
-        return _tiny().ModelSpec(num_layers=2 * self.layout.pp)
+        chunks = self.layout.pp * (self.layout.vpp or 1)
+        return _tiny().ModelSpec(num_layers=max(2 * self.layout.pp, chunks))
 
     def distributed_layout(self) -> Layout:
         """`layout`, with sequence parallelism on where TP > 1 meets MoE."""
@@ -156,6 +158,8 @@ class VerifySpec:
     def layout_name(self) -> str:
         lay, model = self.layout, self.model_spec()
         parts = [f"TP{lay.tp}", f"DP{self.dp}", f"PP{lay.pp}", f"EP{lay.ep}"]
+        if lay.vpp is not None:
+            parts.insert(3, f"VPP{lay.vpp}")
         if lay.etp is not None:
             parts.append(f"ETP{lay.etp}")
         if model.num_experts:

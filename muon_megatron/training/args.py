@@ -16,6 +16,7 @@ from typing import Any
 from muon_megatron.config_flags import add_muon_config_args, muon_config_from_args
 from muon_megatron.training.data import VOCAB_SIZE
 from muon_megatron.training.indexed_data import add_data_args, data_errors
+from muon_megatron.training.interleaving import interleaved_batch_errors, virtual_pipeline_errors
 from muon_megatron.training.writers import add_writer_args, writer_errors
 
 __all__ = ["build_parser", "layout_errors", "validate_args", "default_world_size",
@@ -78,8 +79,9 @@ def build_parser(data: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
                    help="Default: the tensor-parallel size (as in Megatron-LM).")
     g.add_argument("--context-parallel-size", type=int, default=1, help="Refused above 1.")
-    for vpp in ("layers-per-virtual-pipeline-stage", "virtual-stages-per-pipeline-rank"):
-        g.add_argument(f"--num-{vpp}", type=int, default=None, help="Refused (interleaving).")
+    for vpp, what in (("layers-per-virtual-pipeline-stage", "layers per model chunk"),
+                      ("virtual-stages-per-pipeline-rank", "model chunks per pipeline rank")):
+        g.add_argument(f"--num-{vpp}", type=int, default=None, help=f"Interleaving: {what}.")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
@@ -266,12 +268,10 @@ def layout_errors(args: argparse.Namespace, world_size: int) -> list[str]:
             errors.append(message)
 
     need(cp >= 1, f"--context-parallel-size {cp} must be >= 1")
-    vpp = args.num_layers_per_virtual_pipeline_stage or args.num_virtual_stages_per_pipeline_rank
     if args.optimizer == "muon":  # get_muon_optimizer's own refusals, before any process starts
         from muon_megatron.optimizer.builder import parallelism_errors
-        errors.extend(parallelism_errors(2 if vpp else 1, cp))
-    elif vpp:
-        errors.append("--num-*-virtual-*: the training entry builds one model chunk; drop it")
+        errors.extend(parallelism_errors(cp))
+    errors.extend(virtual_pipeline_errors(args))
     need(world_size % (tp * pp * cp) == 0,
          f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
     dp = world_size // (tp * pp * cp) if world_size % (tp * pp * cp) == 0 else 1
@@ -356,6 +356,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     need(args.global_batch_size % (args.micro_batch_size * dp) == 0,
          f"--global-batch-size {args.global_batch_size} must be a multiple of "
          f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dp}")
+    errors.extend([] if errors else interleaved_batch_errors(args, dp))
     need(not args.fp16, "--fp16 is not supported with muon-megatron; use --bf16")
     need(args.context_parallel_size == 1, f"--context-parallel-size {args.context_parallel_size}:"
          " the training entry's local attention does not support context parallelism; use 1")

@@ -3,7 +3,7 @@
 `training.checkpointing.load_checkpoint` asks this module, from the checkpoint's tensor
 metadata alone, whether every parameter finds the state it needs, redirects the requests of
 an optimizer switch (AdamW's `exp_avg` <-> Muon's momentum, fully_reshardable only),
-refuses a dp_reshardable checkpoint saved under another TP/PP/EP layout (naming both), and
+refuses a dp_reshardable checkpoint saved under another TP/PP/VPP/EP layout (naming both), and
 fits the saved chain of optimizers to this run's (`optimizer.chain_fit`: EP1 <-> EP > 1).
 Every problem is raised on every rank together (`CheckpointMismatchError`), naming the
 parameter and the fix.
@@ -216,13 +216,25 @@ def run_layout() -> dict[str, int]:
     return {
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
         "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "vpp": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
         "ep": parallel_state.get_expert_model_parallel_world_size(),
         "dp": parallel_state.get_data_parallel_world_size(),
     }
 
 
+_BUCKET_LAYOUT = ("tp", "pp", "vpp", "ep")
+"""What fixes the gradient buckets of a rank, and so a dp_reshardable checkpoint's layout
+(a checkpoint without "vpp" was saved with one model chunk per rank)."""
+
+
+def _sizes(layout: dict[str, int]) -> dict[str, int]:
+    return {k: layout.get(k, 1) for k in (*_BUCKET_LAYOUT, "dp")}
+
+
 def _layout_name(layout: dict[str, int]) -> str:
-    return f"TP{layout['tp']} PP{layout['pp']} EP{layout['ep']} (DP{layout['dp']})"
+    sizes = _sizes(layout)
+    pp = f"PP{sizes['pp']}" + (f"xVPP{sizes['vpp']}" if sizes["vpp"] > 1 else "")
+    return f"TP{sizes['tp']} {pp} EP{sizes['ep']} (DP{sizes['dp']})"
 
 
 def check_layout(saved: dict[str, int] | None, sharding_type: str, ckpt_dir: str) -> None:
@@ -232,14 +244,15 @@ def check_layout(saved: dict[str, int] | None, sharding_type: str, ckpt_dir: str
     run = run_layout()
     if saved is None or sharding_type != "dp_reshardable":
         return
-    if any(saved[k] != run[k] for k in ("tp", "pp", "ep")):
+    if any(_sizes(saved)[k] != run[k] for k in _BUCKET_LAYOUT):
+        saving = _layout_name(saved).rsplit(" (", 1)[0]
         raise CheckpointMismatchError(
             f"checkpoint {ckpt_dir} is dp_reshardable and was saved under "
             f"{_layout_name(saved)}; this run is {_layout_name(run)}. A dp_reshardable "
             "checkpoint holds the optimizer state per gradient bucket, which only the saving "
-            f"TP/PP/EP layout has (any DP size works): resume under TP{saved['tp']} "
-            f"PP{saved['pp']} EP{saved['ep']}, or re-save it under that layout with "
-            "sharding_type='fully_reshardable', which loads under any TP/PP/EP/DP."
+            f"TP/PP/VPP/EP layout has (any DP size works): resume under {saving}, or re-save "
+            "it under that layout with sharding_type='fully_reshardable', which loads under "
+            "any TP/PP/VPP/EP/DP."
         )
 
 

@@ -88,7 +88,7 @@ def save_checkpoint(
     Collective over all ranks; `ckpt_dir` must be the same (shared) path everywhere and must
     not hold a checkpoint already. `sharding_type` is the distributed optimizer's format:
     'fully_reshardable' (model space; loads under any TP/PP/EP/DP layout and allows an
-    optimizer switch) or 'dp_reshardable' (bucket space, no gather; same TP/PP/EP, any DP).
+    optimizer switch) or 'dp_reshardable' (bucket space, no gather; same TP/PP/VPP/EP, any DP).
     Every rank then records the CRC-32 of the files it wrote (`integrity.record_checksums`);
     it returns when all of them have.
     """

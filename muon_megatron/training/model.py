@@ -33,6 +33,7 @@ from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from muon_megatron.training.args import model_dims
+from muon_megatron.training.interleaving import virtual_pipeline_size
 from muon_megatron.training.indexed_data import model_vocab_size
 from muon_megatron.training.mla import (
     fix_local_mla_gradients,
@@ -80,6 +81,7 @@ def initialize_parallel(
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size(args),
         context_parallel_size=args.context_parallel_size,
         create_gloo_process_groups=gloo_groups,
     )
@@ -129,6 +131,15 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
             extra["moe_router_topk_scaling_factor"] = _topk_scaling_factor(args)
         if args.moe_shared_expert_gate:
             extra["moe_shared_expert_gate"] = True
+    if virtual_pipeline_size(args) is not None:
+        # Megatron-LM's default for the interleaved schedule (--overlap-p2p-communication,
+        # batch_p2p_comm = not overlap_p2p_comm): unbatched sends and receives, which keep the
+        # two directions apart at PP 2, where the next and the previous rank are the same.
+        extra.update(
+            virtual_pipeline_model_parallel_size=virtual_pipeline_size(args),
+            overlap_p2p_comm=True,
+            batch_p2p_comm=False,
+        )
     config_class: type[TransformerConfig] = TransformerConfig
     if args.qk_layernorm:
         extra["qk_layernorm"] = True
@@ -247,18 +258,62 @@ def build_model(
     *,
     ddp_overrides: dict[str, Any] | None = None,
 ) -> list[torch.nn.Module]:
-    """This rank's model chunk: GPTModel [-> Float16Module] -> megatron DDP (ZeRO-1).
+    """This rank's model chunks: GPTModel [-> Float16Module] -> megatron DDP (ZeRO-1).
 
     Call after `initialize_parallel`. The DDP config is ZeRO-1 with fp32 grad reduction and
-    the overlap flags of `args`, updated from `ddp_overrides`. Returns a one-element list
-    (no virtual pipeline stages).
+    the overlap flags of `args`, updated from `ddp_overrides`. Returns one chunk, or with an
+    interleaved pipeline (`args.virtual_pipeline_size`) one per virtual stage, built as
+    Megatron-LM's `get_model` builds them (`vp_stage`, bucketing on the first chunk only).
     """
     config = transformer_config(args)
     use_te = _use_transformer_engine(args)
     if args.num_experts is not None and args.moe_grouped_gemm and not use_te:
         _require_local_grouped_mlp()
+    virtual = virtual_pipeline_size(args)
+    stages: list[int | None] = list(range(virtual)) if virtual else [None]
+    models = [_gpt_model(args, config, use_te, vp_stage) for vp_stage in stages]
+    ddp_kwargs: dict[str, Any] = dict(
+        use_distributed_optimizer=True,
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
+        # None: megatron's DDP takes max(40M, 1M x DP size) with --overlap-grad-reduce and
+        # one bucket without, as Megatron-LM does (training.py get_model).
+        bucket_size=args.ddp_bucket_size,
+    )
+    ddp_kwargs.update(ddp_overrides or {})
+    ddp_config = DistributedDataParallelConfig(**ddp_kwargs)
+    chunks = [
+        # Megatron-LM: chunks after the first are not bucketed (their communication overlaps
+        # the other chunks' compute).
+        DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=model, disable_bucketing=index > 0
+        )
+        for index, model in enumerate(models)
+    ]
+    # What megatron/training/training.py wires: without finalize_model_grads there is no
+    # data-parallel gradient reduction at all.
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = _per_chunk([c.no_sync for c in chunks])
+    if ddp_config.overlap_grad_reduce:
+        config.grad_sync_func = _per_chunk([c.start_grad_sync for c in chunks])
+    if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
+        config.param_sync_func = _per_chunk([c.start_param_sync for c in chunks])
+    return chunks
+
+
+def _per_chunk(funcs: list) -> Any:
+    # The schedules take one function, or a list with one per model chunk.
+    return funcs[0] if len(funcs) == 1 else funcs
+
+
+def _gpt_model(
+    args: argparse.Namespace, config: TransformerConfig, use_te: bool, vp_stage: int | None
+) -> torch.nn.Module:
+    """One model chunk (a virtual stage when `vp_stage` is set), before DDP."""
     block_spec = get_gpt_decoder_block_spec(
-        config, use_transformer_engine=use_te, normalization=args.normalization
+        config, use_transformer_engine=use_te, normalization=args.normalization,
+        vp_stage=vp_stage,
     )
     if args.multi_latent_attention and not use_te:
         use_local_mla_attention(block_spec)
@@ -271,17 +326,19 @@ def build_model(
                 "--q-lora-rank."
             )
     building = te_stand_ins_off() if args.multi_latent_attention else contextlib.nullcontext()
+    stage = {} if vp_stage is None else {"vp_stage": vp_stage}
     with building:
         model: torch.nn.Module = GPTModel(
             config=config,
             transformer_layer_spec=block_spec,
             vocab_size=model_vocab_size(args),
             max_sequence_length=args.max_position_embeddings or args.seq_length,
-            pre_process=parallel_state.is_pipeline_first_stage(),
-            post_process=parallel_state.is_pipeline_last_stage(),
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, **stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, **stage),
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
             position_embedding_type=args.position_embedding_type,
             rotary_base=args.rotary_base,
+            **stage,
         )
     if args.multi_latent_attention and not use_te:
         fix_local_mla_gradients(model)  # megatron-core's TP gradient flaws: see mla.py
@@ -289,27 +346,7 @@ def build_model(
         model.cuda(torch.cuda.current_device())
     if args.bf16:
         model = Float16Module(config, model)
-    ddp_kwargs: dict[str, Any] = dict(
-        use_distributed_optimizer=True,
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=args.overlap_grad_reduce,
-        overlap_param_gather=args.overlap_param_gather,
-        # None: megatron's DDP takes max(40M, 1M x DP size) with --overlap-grad-reduce and
-        # one bucket without, as Megatron-LM does (training.py get_model).
-        bucket_size=args.ddp_bucket_size,
-    )
-    ddp_kwargs.update(ddp_overrides or {})
-    ddp_config = DistributedDataParallelConfig(**ddp_kwargs)
-    ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
-    # What megatron/training/training.py wires: without finalize_model_grads there is no
-    # data-parallel gradient reduction at all.
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp_model.no_sync
-    if ddp_config.overlap_grad_reduce:
-        config.grad_sync_func = ddp_model.start_grad_sync
-    if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
-        config.param_sync_func = ddp_model.start_param_sync
-    return [ddp_model]
+    return model
 
 
 def unwrap(model_chunk: torch.nn.Module) -> GPTModel:

@@ -26,6 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from muon_megatron.config import MuonConfig
 from muon_megatron.config_flags import muon_config_from_args
 from muon_megatron.optimizer.builder import get_muon_optimizer, muon_optimizers
+from muon_megatron.training.interleaving import interleaved_microbatch_error
 from muon_megatron.training.model import PARAMS_DTYPES, device, unwrap
 
 __all__ = [
@@ -186,7 +187,9 @@ def forward_backward(
     """Run megatron's schedule on this DP rank's rows `local` (tokens, labels, loss_mask,
     position_ids, each [rows, seq]) in micro-batches of `micro_batch_size`; pipelined when
     pp > 1. Unless `forward_only`, the grad buffers are zeroed first and afterwards hold the
-    gradient of the global batch's mean per-token loss. Returns that mean loss."""
+    gradient of the global batch's mean per-token loss. Returns that mean loss. With several
+    model chunks (an interleaved pipeline) the micro-batches per step must be a multiple of
+    the pipeline size (ValueError otherwise)."""
     if local["tokens"].shape[0] % micro_batch_size != 0:
         raise ValueError(
             f"{local['tokens'].shape[0]} rows per data-parallel rank are not divisible by "
@@ -201,9 +204,17 @@ def forward_backward(
         {k: v[i * micro_batch_size : (i + 1) * micro_batch_size].to(here) for k, v in local.items()}
         for i in range(n)
     ]
+    if len(model) > 1:
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        error = interleaved_microbatch_error(n, pp)
+        if error:
+            raise ValueError(error)
+    # Interleaved: one iterator per model chunk, each over every micro-batch (a chunk that
+    # neither embeds nor computes the loss ignores the tokens and labels it is handed).
+    data: Any = [iter(micro_batches) for _ in model] if len(model) > 1 else iter(micro_batches)
     reports = get_forward_backward_func()(
         forward_step_func=_forward_step,
-        data_iterator=iter(micro_batches),
+        data_iterator=data,
         model=model,
         num_microbatches=n,
         seq_length=seq_length,

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from muon_megatron.runtime.launch import spawn
+from muon_megatron.testing.checkpoint_tensors import named_chunk_params as _named_params
 from muon_megatron.testing.checkpoint_tensors import optimizer_snapshot as _snapshot
 from muon_megatron.tools.verify import FP32_TOLERANCE
 
@@ -171,7 +172,7 @@ def _run(rank: int, world: int, job: Job) -> dict[str, Any]:
         # A fault in this rank's local gradient, before the DP reduction spreads it.
         if inject:
             with torch.no_grad():
-                dict(tiny.unwrap(model[0]).named_parameters())[inject["name"]].main_grad.view(-1)[0] = inject["value"]
+                dict(_named_params(model))[inject["name"]].main_grad.view(-1)[0] = inject["value"]
         return finalize(*args, **kwargs)
 
     config.finalize_model_grads_func = finalize_with_fault
@@ -227,9 +228,9 @@ def _compare(job: Job, spec, layout, model, resumed_from) -> dict[str, float]:
 
     reference = tiny.build_model(spec, layout)
     tiny.load_model(reference, job.compare_weights)
-    ref = dict(tiny.unwrap(reference[0]).named_parameters())
+    ref = dict(_named_params(reference))
     errors = {}
-    for name, param in tiny.unwrap(model[0]).named_parameters():
+    for name, param in _named_params(model):
         update = (ref[name] - resumed_from[name]).norm().item()
         errors[name] = (param - ref[name]).norm().item() / update
     return errors
@@ -391,6 +392,54 @@ def test_a_dp_reshardable_checkpoint_under_another_ep_is_refused_naming_both_lay
         assert message.startswith("CheckpointMismatchError"), message
         assert f"saved under TP1 PP1 {saved} (DP" in message and f"this run is TP1 PP1 {run} (DP" in message
         assert f"resume under TP1 PP1 {saved}" in message and "'fully_reshardable'" in message
+
+
+# An interleaved pipeline: PP2 with two virtual stages (model chunks) of one layer per rank,
+# x DP2. Each rank's chunks repeat the chunk-local names (both have a decoder.layers.0).
+VPP = {"layout": {"pp": 2, "vpp": 2}, "spec": {"num_layers": 4}}
+
+
+@pytest.fixture(scope="module")
+def pp2xvpp2(root) -> dict[str, Any]:
+    full, bucket = os.path.join(root, "vpp_full"), os.path.join(root, "vpp_dp")
+    final = os.path.join(root, "vpp_final")
+    job = Job(**VPP, saves=[(full, "fully_reshardable"), (bucket, "dp_reshardable")],
+              save_final_weights=final)
+    return {"saving": spawn(_run, 4, job), "fully_reshardable": full, "dp_reshardable": bucket,
+            "final": final}
+
+
+@pytest.mark.parametrize("sharding", ["fully_reshardable", "dp_reshardable"])
+def test_pp2xvpp2_resume_is_bitwise(pp2xvpp2, sharding) -> None:
+    """Every model param and every optimizer-state tensor (Muon momentum, AdamW moments) of
+    both chunks of every rank equals the uninterrupted run's after the 3 resumed steps; the
+    plan names each rank's matrices by global layer, two chunks' worth per rank."""
+    resumed = spawn(_run, 4, Job(**VPP, load=pp2xvpp2[sharding]))
+    _assert_runs_equal(pp2xvpp2["saving"], resumed)
+    first = pp2xvpp2["saving"][0]["muon_names"]
+    assert len(first) == len(set(first)) == 8, first
+    assert {n.split(".")[2] for n in first} == {"0", "2"}, first  # PP rank 0: layers 0 and 2
+
+
+@pytest.mark.parametrize("world, layout", [(4, {"pp": 2}), (2, {})], ids=["pp2", "pp1"])
+def test_pp2xvpp2_to_another_pipeline_resume(pp2xvpp2, world, layout) -> None:
+    """fully_reshardable: saved at PP2 x VPP2, resumed at plain PP2 and at PP1 (DP2 each);
+    the 3 steps after the resume match the uninterrupted run within the reduction-order
+    tolerance."""
+    job = Job(layout=layout, spec=VPP["spec"], load=pp2xvpp2["fully_reshardable"],
+              compare_weights=pp2xvpp2["final"])
+    errors = spawn(_run, world, job)[0]["relative_update_error"]
+    assert max(errors.values()) <= RESHARD_TOLERANCE, max(errors.items(), key=lambda kv: kv[1])
+
+
+def test_a_dp_reshardable_pp2xvpp2_checkpoint_at_plain_pp2_is_refused(pp2xvpp2) -> None:
+    job = Job(layout={"pp": 2}, spec=VPP["spec"], load=pp2xvpp2["dp_reshardable"])
+    messages = spawn(_try_load_job, 4, job)
+    assert len(set(messages)) == 1, messages
+    message = messages[0]
+    assert message.startswith("CheckpointMismatchError"), message
+    assert "saved under TP1 PP2xVPP2 EP1 (DP2); this run is TP1 PP2 EP1 (DP2)" in message, message
+    assert "resume under TP1 PP2xVPP2 EP1" in message and "'fully_reshardable'" in message
 
 
 def test_dp4_to_dp2_resume(root) -> None:

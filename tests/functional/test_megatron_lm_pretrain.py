@@ -141,6 +141,22 @@ def moe_ep2_resumed(runs_dir: pathlib.Path, moe_ep2: Run) -> Run:
     return _launch(runs_dir, "moe_ep2_resumed", 2, save=True, load_from=moe_ep2, extra=MOE_FLAGS)
 
 
+# An interleaved pipeline: PP2 with two virtual stages (model chunks) of one layer per rank;
+# 8 / 2 = 4 micro-batches per step, a multiple of PP as the interleaved schedule needs.
+VPP_FLAGS = ("--pipeline-model-parallel-size", "2", "--num-layers", "4",
+             "--num-virtual-stages-per-pipeline-rank", "2")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pp2_vpp2(runs_dir: pathlib.Path) -> Run:
+    return _launch(runs_dir, "pp2_vpp2", 2, save=True, extra=VPP_FLAGS)
+
+
+@pytest.fixture(scope="module")
+def pp2_vpp2_resumed(runs_dir: pathlib.Path, pp2_vpp2: Run) -> Run:
+    return _launch(runs_dir, "pp2_vpp2_resumed", 2, save=True, load_from=pp2_vpp2, extra=VPP_FLAGS)
+
+
 @pytest.fixture(scope="module")
 def dp4_overlap(runs_dir: pathlib.Path) -> Run:
     # A 40k-element bucket splits the ~241k parameters into 3 buckets, so the overlapped
@@ -347,6 +363,23 @@ def test_moe_ep2_resume_final_checkpoint_is_bitwise_the_uninterrupted_one(
     moe_ep2: Run, moe_ep2_resumed: Run, runs_dir: pathlib.Path
 ) -> None:
     _assert_final_checkpoints_bitwise_equal(moe_ep2, moe_ep2_resumed, runs_dir)
+
+
+def test_pp2_vpp2_resume_at_5_prints_the_uninterrupted_losses_6_to_10(
+    pp2_vpp2: Run, pp2_vpp2_resumed: Run
+) -> None:
+    """Megatron-LM builds two model chunks per rank and runs its interleaved schedule; Muon
+    trains them (the loss falls) and resumes them exactly."""
+    assert pp2_vpp2.argument("virtual_pipeline_model_parallel_size") == "2"
+    losses = [float(pp2_vpp2.losses[it]) for it in sorted(pp2_vpp2.losses)]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0], losses
+    _assert_resumed_losses_equal(pp2_vpp2, pp2_vpp2_resumed)
+
+
+def test_pp2_vpp2_resume_final_checkpoint_is_bitwise_the_uninterrupted_one(
+    pp2_vpp2: Run, pp2_vpp2_resumed: Run, runs_dir: pathlib.Path
+) -> None:
+    _assert_final_checkpoints_bitwise_equal(pp2_vpp2, pp2_vpp2_resumed, runs_dir)
 
 
 def test_overlap_flags_train_with_finite_falling_loss(dp4_overlap: Run) -> None:

@@ -32,6 +32,8 @@ LAYOUTS = {
     "tp2xdp2": (4, DENSE, Layout(tp=2, sequence_parallel=True)),
     "ep2xdp2": (4, MOE, Layout(ep=2)),
     "pp2xdp2": (4, ModelSpec(num_layers=6), Layout(pp=2)),
+    # Two model chunks per rank: the plan of each stage covers both chunks' matrices.
+    "pp2xvpp2xdp2": (4, DENSE, Layout(pp=2, vpp=2)),
 }
 
 

@@ -85,6 +85,10 @@ RESUME_LAYOUTS = {
     "dense-dp2": [],
     "moe-ep2": ["--expert-model-parallel-size", "2", "--num-experts", "4",
                 "--moe-router-topk", "2"],
+    # An interleaved pipeline: two model chunks of one layer per rank, megatron-core's
+    # interleaved schedule (8 / 2 = 4 micro-batches per step, a multiple of PP).
+    "pp2-vpp2": ["--pipeline-model-parallel-size", "2", "--num-layers", "4",
+                 "--num-virtual-stages-per-pipeline-rank", "2"],
 }
 
 
@@ -94,8 +98,8 @@ def test_save_then_load_continues_bitwise_like_an_uninterrupted_run(
 ) -> None:
     """--save at iteration 4, --load to 6: iterations 5 and 6 match a straight 6-step run
     bit for bit: loss and lr in the log, and every tensor of the final checkpoints (params,
-    main params, Muon momentum, AdamW moments). 2 processes (DP 2, or EP 2 with expert DP 1),
-    Muon."""
+    main params, Muon momentum, AdamW moments). 2 processes (DP 2, EP 2 with expert DP 1, or
+    PP 2 with two virtual stages per rank), Muon."""
     flags = [
         sys.executable, "examples/pretrain_moe.py", "--world-size", "2", "--swiglu",
         *RESUME_LAYOUTS[layout],

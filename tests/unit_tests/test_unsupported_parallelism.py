@@ -1,9 +1,10 @@
-"""Interleaved pipelines (virtual pipeline stages) and context parallelism are refused before
-training, naming the flag and why, by all three doors: `get_muon_optimizer`, the training
-entry (`examples/pretrain_moe.py`) and the Megatron-LM hook. Neither has been run or tested
-with Muon (issue 22): a rank's virtual stages repeat chunk-local parameter names, which key
-the plan, and context parallelism would put the grid on megatron-core's data-and-context
-group."""
+"""Context parallelism is refused before training, naming the flag and why, by all three
+doors: `get_muon_optimizer`, the training entry (`examples/pretrain_moe.py`) and the
+Megatron-LM hook; it has not been run or tested with Muon (issue 22): it would put the grid
+on megatron-core's data-and-context group. Interleaved pipelines (virtual pipeline stages)
+are accepted by all three; the training entry refuses, before any process starts, the
+interleaved layouts megatron-core's schedule cannot run (tests/functional/
+test_interleaved_pipeline.py trains them)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,16 @@ from muon_megatron.megatron_lm.arguments import muon_extra_args_provider
 from muon_megatron.optimizer import builder
 from muon_megatron.training import entry
 from muon_megatron.training.args import build_parser, validate_args
+from muon_megatron.training.interleaving import virtual_pipeline_size
 
 VPP = "--num-layers-per-virtual-pipeline-stage"
+STAGES = "--num-virtual-stages-per-pipeline-rank"
 CP = "--context-parallel-size 2"
 
 
 def test_messages_name_the_flags_and_why() -> None:
-    assert builder.parallelism_errors(1, 1) == []
-    vpp, cp = builder.parallelism_errors(2, 2)
-    assert VPP in vpp and "2 model chunks" in vpp and "never been tested" in vpp
+    assert builder.parallelism_errors(1) == []
+    [cp] = builder.parallelism_errors(2)
     assert CP in cp and "context-parallel group" in cp and "use --context-parallel-size 1" in cp
 
 
@@ -40,43 +42,74 @@ def _config() -> OptimizerConfig:
     return OptimizerConfig(optimizer="muon", use_distributed_optimizer=True)
 
 
-def test_get_muon_optimizer_refuses_virtual_stages() -> None:
-    """Two model chunks on a rank (what megatron-core's model builder returns for an
-    interleaved pipeline) are refused before megatron's optimizer is built."""
-    with pytest.raises(ValueError, match=VPP):
-        builder.get_muon_optimizer(_config(), [_chunk(), _chunk()])
-
-
 def test_get_muon_optimizer_refuses_context_parallelism() -> None:
     with pytest.raises(ValueError, match=CP):
         builder.get_muon_optimizer(_config(), [_chunk(cp=2)])
 
 
-@pytest.mark.parametrize(
-    "argv, flag",
-    [([VPP, "1", "--pipeline-model-parallel-size", "2", "--num-layers", "4"], VPP),
-     (["--num-virtual-stages-per-pipeline-rank", "2"], VPP),
-     (CP.split(), CP)],
-    ids=["layers-per-virtual-stage", "virtual-stages-per-rank", "context-parallel"],
-)
-def test_training_entry_refuses_before_any_process_starts(argv, flag, monkeypatch) -> None:
+def test_training_entry_refuses_context_parallelism_before_any_process_starts(monkeypatch) -> None:
     from muon_megatron.runtime import launch
 
     def no_spawn(*args: object, **kwargs: object) -> None:
         raise AssertionError("a rank was spawned before the flag was refused")
 
     monkeypatch.setattr(launch, "spawn", no_spawn)
-    with pytest.raises(ValueError, match=flag):
-        entry.main(["--optimizer", "muon", *argv])
-    with pytest.raises(ValueError, match=flag):
-        validate_args(build_parser().parse_args(["--optimizer", "muon", *argv]), world_size=4)
+    with pytest.raises(ValueError, match=CP):
+        entry.main(["--optimizer", "muon", *CP.split()])
+    with pytest.raises(ValueError, match=CP):
+        validate_args(build_parser().parse_args(["--optimizer", "muon", *CP.split()]), world_size=4)
 
 
-def test_training_entry_refuses_interleaving_with_adam_too() -> None:
-    """The entry builds one model chunk per rank, whatever the optimizer."""
-    args = build_parser().parse_args(["--optimizer", "adam", VPP, "1"])
-    with pytest.raises(ValueError, match="one model chunk"):
-        validate_args(args, world_size=1)
+INTERLEAVED = ["--pipeline-model-parallel-size", "2", "--num-layers", "4"]
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adam"])
+@pytest.mark.parametrize("flags", [[VPP, "1"], [STAGES, "2"]], ids=["layers-per-stage", "stages"])
+def test_training_entry_accepts_an_interleaved_pipeline(flags, optimizer) -> None:
+    """PP2 with two virtual stages of one layer each; a global batch of 8 in micro-batches of
+    2 is 4 micro-batches per step at DP1, a multiple of PP."""
+    args = build_parser().parse_args(["--optimizer", optimizer, *INTERLEAVED, *flags])
+    validate_args(args, world_size=2)
+    assert virtual_pipeline_size(args) == 2
+
+
+@pytest.mark.parametrize(
+    "flags, size",
+    [([VPP, "4"], None), ([STAGES, "1"], None), ([VPP, "2"], 2), ([VPP, "1"], 4),
+     ([STAGES, "4"], 4)],
+)
+def test_virtual_stages_derive_as_megatron_lm_derives_them(flags, size) -> None:
+    """Megatron-LM's validate_args: layers per stage / layers per virtual stage, or the
+    stages given; 1 means no interleaving."""
+    args = build_parser().parse_args([*INTERLEAVED[:2], "--num-layers", "8", *flags])
+    assert virtual_pipeline_size(args) == size
+
+
+@pytest.mark.parametrize(
+    "argv, world, message",
+    [([*INTERLEAVED, STAGES, "2", "--global-batch-size", "6"], 2,
+      "3 micro-batches per step"),
+     (["--num-layers", "4", STAGES, "2"], 1, "--pipeline-model-parallel-size >= 2"),
+     ([*INTERLEAVED, VPP, "1", STAGES, "2"], 2, "both set"),
+     ([*INTERLEAVED, STAGES, "3"], 2, "not divisible by pp x --num-virtual-stages"),
+     ([*INTERLEAVED, VPP, "3"], 2, "not divisible by pp x --num-layers-per-virtual"),
+     ([*INTERLEAVED, STAGES, "2", "--decoder-first-pipeline-num-layers", "1"], 2,
+      "--decoder-first/last-pipeline-num-layers")],
+    ids=["micro-batches", "pp1", "both-flags", "stages-split", "layers-split", "uneven"],
+)
+def test_training_entry_refuses_interleaved_layouts_it_cannot_run(
+    argv, world, message, monkeypatch
+) -> None:
+    from muon_megatron.runtime import launch
+
+    def no_spawn(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a rank was spawned before the layout was refused")
+
+    monkeypatch.setattr(launch, "spawn", no_spawn)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        validate_args(build_parser().parse_args(["--optimizer", "muon", *argv]), world)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        entry.main(["--optimizer", "muon", f"--world-size={world}", *argv])
 
 
 def _megatron_lm_args(**overrides: object) -> argparse.Namespace:
@@ -89,17 +122,22 @@ def _megatron_lm_args(**overrides: object) -> argparse.Namespace:
     return args
 
 
-@pytest.mark.parametrize(
-    "overrides, flag",
-    [({"num_layers_per_virtual_pipeline_stage": 2}, VPP),
-     ({"num_virtual_stages_per_pipeline_rank": 2}, VPP),
-     ({"virtual_pipeline_model_parallel_size": 2}, VPP),
-     ({"context_parallel_size": 2}, CP)],
-    ids=["layers-per-virtual-stage", "virtual-stages-per-rank", "derived-vpp", "context-parallel"],
-)
-def test_megatron_lm_hook_refuses(overrides: dict, flag: str) -> None:
+def test_megatron_lm_hook_refuses_context_parallelism() -> None:
     """`_check_muon_run` runs in the hook's validate_args (before Megatron-LM's own) and in
     its optimizer builder."""
-    with pytest.raises(ValueError, match=flag):
-        hooks._check_muon_run(_megatron_lm_args(**overrides))
+    with pytest.raises(ValueError, match=CP):
+        hooks._check_muon_run(_megatron_lm_args(context_parallel_size=2))
     hooks._check_muon_run(_megatron_lm_args(context_parallel_size=1))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"num_layers_per_virtual_pipeline_stage": 2},
+     {"num_virtual_stages_per_pipeline_rank": 2},
+     {"virtual_pipeline_model_parallel_size": 2}],
+    ids=["layers-per-virtual-stage", "virtual-stages-per-rank", "derived-vpp"],
+)
+def test_megatron_lm_hook_accepts_virtual_stages(overrides: dict) -> None:
+    """Megatron-LM builds the model chunks and its interleaved schedule itself; the hook
+    lets them through to `get_muon_optimizer`."""
+    hooks._check_muon_run(_megatron_lm_args(**overrides))

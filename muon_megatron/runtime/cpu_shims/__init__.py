@@ -41,6 +41,7 @@ from muon_megatron.runtime.cpu_shims.cuda import (
 )
 from muon_megatron.runtime.cpu_shims.parallel_layers import (
     _install_moe_shims,
+    _install_pipeline_output_shim,
     _install_sequence_parallel_norm,
 )
 
@@ -66,6 +67,7 @@ def install_cpu_shims() -> bool:
     _install_type_name_checks()
     _install_moe_shims()
     _install_sequence_parallel_norm()
+    _install_pipeline_output_shim()
     _install_checkpoint_shims()
     _INSTALLED = True
     return True

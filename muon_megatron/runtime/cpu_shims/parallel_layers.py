@@ -1,4 +1,5 @@
-"""MoE (grouped GEMM, uneven dim-0 collectives) and the local norm under sequence parallelism."""
+"""MoE (grouped GEMM, uneven dim-0 collectives), the local norm under sequence parallelism,
+and pipeline outputs that asynchronous gloo sends still read."""
 
 from __future__ import annotations
 
@@ -155,3 +156,33 @@ def _install_sequence_parallel_norm() -> None:
         return new
 
     _wrap_method(WrappedTorchNorm, "__new__", make)
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline outputs
+# --------------------------------------------------------------------------------------------
+
+
+def _install_pipeline_output_shim() -> None:
+    """Send a copy of a pipeline stage's output in the unbatched point-to-point path.
+
+    With `deallocate_pipeline_outputs` (Megatron-LM's default) the schedules replace a sent
+    output's storage by one element right after issuing its send (schedules.py 154-165,
+    `out.data = torch.empty(1)`, which swaps the storage of the very tensor the send holds).
+    The interleaved schedule's overlapped sends (`_p2p_ops`, p2p_communication.py 54-128)
+    are asynchronous: on CUDA, NCCL has the old storage's address and the caching allocator
+    keeps it alive until the stream is done; gloo's send reads the tensor when its thread
+    runs, by then the one-element storage, and the next stage receives garbage. A copy taken
+    when the send is issued holds the same values and is what the send then reads."""
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    def copying_sends(p2p_ops: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(**kwargs: Any) -> Any:
+            for key in ("tensor_send_prev", "tensor_send_next"):
+                if kwargs.get(key) is not None:
+                    kwargs[key] = kwargs[key].clone()
+            return p2p_ops(**kwargs)
+
+        return wrapper
+
+    _wrap_function(p2p_communication, "_p2p_ops", copying_sends)
