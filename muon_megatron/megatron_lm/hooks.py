@@ -229,7 +229,7 @@ def _check_muon_run(args: argparse.Namespace) -> MuonConfig:
     _check_qk_clip(args)
     # Read before Megatron-LM's validate_args derives virtual_pipeline_model_parallel_size.
     vpp = any(getattr(args, f, None) for f in _VIRTUAL_PIPELINE_FLAGS)
-    check_parallelism(2 if vpp else 1, getattr(args, "context_parallel_size", 1) or 1)
+    check_parallelism(2 if vpp else 1)
     ckpt_format = getattr(args, "ckpt_format", _SUPPORTED_CKPT_FORMAT)
     if ckpt_format != _SUPPORTED_CKPT_FORMAT and (getattr(args, "save", None) or getattr(args, "load", None)):
         raise ValueError(

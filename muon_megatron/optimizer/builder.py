@@ -69,10 +69,12 @@ def check_supported(config) -> None:
         )
 
 
-def parallelism_errors(model_chunks: int, context_parallel_size: int) -> list[str]:
+def parallelism_errors(model_chunks: int) -> list[str]:
     """Why Muon refuses a run with `model_chunks` model chunks per rank (an interleaved
-    pipeline) or context parallelism: neither has been run or tested. One message per
-    problem, naming the flag and the way out ([] when neither is used)."""
+    pipeline): it has not been run or tested. One message per problem, naming the flag and
+    the way out ([] when it is not used). Context parallelism needs no refusal: the grid
+    spans the data-and-context-parallel group that the ZeRO-1 optimizer shards over
+    (docs/design.md)."""
     errors = []
     if model_chunks > 1:
         errors.append(
@@ -83,18 +85,12 @@ def parallelism_errors(model_chunks: int, context_parallel_size: int) -> list[st
             "momentum), and it has never been tested; drop the flag (plain "
             "--pipeline-model-parallel-size works)."
         )
-    if context_parallel_size > 1:
-        errors.append(
-            f"--context-parallel-size {context_parallel_size} is not supported with --optimizer "
-            "muon: its grid would span megatron-core's data-and-context-parallel group, which "
-            "has never been run or tested with it; use --context-parallel-size 1."
-        )
     return errors
 
 
-def check_parallelism(model_chunks: int, context_parallel_size: int) -> None:
+def check_parallelism(model_chunks: int) -> None:
     """ValueError with every `parallelism_errors` message, if any."""
-    errors = parallelism_errors(model_chunks, context_parallel_size)
+    errors = parallelism_errors(model_chunks)
     if errors:
         raise ValueError("\n".join(errors))
 
@@ -155,11 +151,7 @@ def get_muon_optimizer(
     megatron_kw = {k: v for k, v in megatron_kw.items() if k in accepted}
 
     check_supported(config)
-    from megatron.core.utils import get_model_config
-
-    check_parallelism(
-        len(model_chunks), getattr(get_model_config(model_chunks[0]), "context_parallel_size", 1)
-    )
+    check_parallelism(len(model_chunks))
     if getattr(model_chunks[0].ddp_config, "use_megatron_fsdp", False):
         raise ValueError("Megatron-FSDP is not supported with Muon; use the ZeRO-1 DDP.")
     if getattr(model_chunks[0].ddp_config, "num_distributed_optimizer_instances", 1) > 1:

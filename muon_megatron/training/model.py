@@ -33,6 +33,7 @@ from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from muon_megatron.training.args import model_dims
+from muon_megatron.training.layout_checks import uses_transformer_engine
 from muon_megatron.training.indexed_data import model_vocab_size
 from muon_megatron.training.mla import (
     fix_local_mla_gradients,
@@ -88,18 +89,6 @@ def initialize_parallel(
         seed += 100 * parallel_state.get_pipeline_model_parallel_rank()
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
-def _use_transformer_engine(args: argparse.Namespace) -> bool:
-    if args.transformer_impl is not None:
-        return args.transformer_impl == "transformer_engine"
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def transformer_config(args: argparse.Namespace) -> TransformerConfig:
@@ -254,7 +243,7 @@ def build_model(
     (no virtual pipeline stages).
     """
     config = transformer_config(args)
-    use_te = _use_transformer_engine(args)
+    use_te = uses_transformer_engine(args)
     if args.num_experts is not None and args.moe_grouped_gemm and not use_te:
         _require_local_grouped_mlp()
     block_spec = get_gpt_decoder_block_spec(
