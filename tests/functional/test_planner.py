@@ -6,7 +6,10 @@ run of the training entry's builder. The plan's owners, buckets, Newton-Schulz F
 rank, bytes every rank sends and receives in Muon's all-to-alls (counted by the bench's
 `CollectiveCounter` around one real step) and the step's peak transient bytes (what
 `run_pipeline` measures) must be equal: the same integers, since both are the optimizer's
-own plan. A second test reads `run_pipeline`'s own trace at world 4 and checks that the
+own plan. At CP2 the real run builds megatron-core's TE spec on the CPU stand-in (local
+attention refuses CP) and the planner its local layers without CP in the model config (CP
+changes no parameter): the grids, over DP x CP, and every figure must still be equal. A
+second test reads `run_pipeline`'s own trace at world 4 and checks that the
 event model plays the same issue order.
 """
 
