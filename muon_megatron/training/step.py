@@ -205,8 +205,9 @@ def forward_backward(
 ) -> float:
     """Run megatron's schedule on this DP rank's rows `local` (tokens, labels, loss_mask,
     position_ids, each [rows, seq], the whole sequence: each forward takes its CP rank's
-    share) in micro-batches of `micro_batch_size`; pipelined when pp > 1. Unless `forward_only`, the grad buffers are zeroed first and afterwards hold the
-    gradient of the global batch's mean per-token loss. Returns that mean loss."""
+    share) in micro-batches of `micro_batch_size`; pipelined when pp > 1. Unless
+    `forward_only`, the grad buffers are zeroed first and afterwards hold the gradient of
+    the global batch's mean per-token loss. Returns that mean loss."""
     if local["tokens"].shape[0] % micro_batch_size != 0:
         raise ValueError(
             f"{local['tokens'].shape[0]} rows per data-parallel rank are not divisible by "
