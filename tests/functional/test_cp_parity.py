@@ -144,3 +144,49 @@ def test_cp2_resume_is_bitwise(te_stand_in, tmp_path) -> None:
         tc._assert_runs_equal(runs["saving"], resumed)
     names = runs["saving"][0]["muon_names"]
     assert tc._momentum(runs["resumed"]["fully_reshardable"][0]["final"], names)
+
+
+# ---------------------------------------------------------------------------------------
+# The training entry (examples/pretrain_moe.py) at CP2 against one rank
+# ---------------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENTRY_FLAGS = [
+    "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+    "--num-attention-heads", "4", "--seq-length", "64", "--global-batch-size", "4",
+    "--micro-batch-size", "2", "--swiglu", "--disable-bias-linear", "--hidden-dropout", "0",
+    "--attention-dropout", "0", "--transformer-impl", "transformer_engine", "--optimizer",
+    "muon", "--muon-ns-dtype", "fp32", "--train-iters", "3", "--log-interval", "1",
+    "--eval-interval", "0", "--lr-warmup-iters", "0",
+]
+# Three Muon steps of the byte-level model: the runs differ in fp32 summation order only
+# (CP2's attention over gathered keys and gradient reduction), which Newton-Schulz amplifies
+# from ~1e-7 to at most ~1e-5 of the update by the third step (verify.py's measured fp32
+# noise); the loss moves far less. A CP rank training on the wrong rows, on its chunks
+# without the other rank's keys, or on a wrongly weighted loss is off by 1e-2 or more.
+ENTRY_LOSS_RTOL = 1e-5
+
+
+def _entry_losses(tmp_path, world: int, cp: int) -> list[float]:
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / f"cp{cp}"
+    # A fresh interpreter with the stand-in first on its path: this process never sees it.
+    path = [os.path.join(ROOT, "tests", "te_stand_in"), ROOT, os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    argv = [sys.executable, "examples/pretrain_moe.py", *ENTRY_FLAGS, "--world-size", str(world),
+            "--context-parallel-size", str(cp), "--output-dir", str(out)]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    assert f"x cp {cp} x dp 1" in done.stdout
+    return [r["loss"] for r in json.loads((out / "muon.json").read_text())["iterations"]]
+
+
+def test_training_entry_at_cp2_trains_as_one_rank(tmp_path) -> None:
+    """examples/pretrain_moe.py with --context-parallel-size 2 (world 2, DP 1) and on one
+    rank, on the same byte-level batches: the same loss at every iteration."""
+    cp2, one = _entry_losses(tmp_path, 2, 2), _entry_losses(tmp_path, 1, 1)
+    assert len(cp2) == len(one) == 3
+    assert cp2 == pytest.approx(one, rel=ENTRY_LOSS_RTOL, abs=0)
