@@ -1,5 +1,5 @@
 """Context parallelism (`--context-parallel-size 2`) with Muon: the loss and gradient, the
-parity with the single-device reference, and a bitwise resume.
+parity with the single-device reference, a bitwise resume, and the training entry.
 
 megatron-core's local attention refuses CP, so every run here builds megatron-core's TE layer
 spec on the CPU stand-in of tests/te_stand_in, whose DotProductAttention computes what TE's
