@@ -211,7 +211,7 @@ def _muon_config_from(args: argparse.Namespace) -> MuonConfig:
 def _check_muon_run(args: argparse.Namespace) -> MuonConfig:
     """muon-megatron's checks of a `--optimizer muon` run, before Megatron's own; returns
     the run's MuonConfig."""
-    from muon_megatron.optimizer.builder import check_parallelism, check_supported
+    from muon_megatron.optimizer.builder import check_supported
 
     if not getattr(args, "use_distributed_optimizer", False):
         raise ValueError(
@@ -227,7 +227,6 @@ def _check_muon_run(args: argparse.Namespace) -> MuonConfig:
                 "DistributedOptimizer; use --use-distributed-optimizer without FSDP."
             )
     _check_qk_clip(args)
-    check_parallelism(getattr(args, "context_parallel_size", 1) or 1)
     ckpt_format = getattr(args, "ckpt_format", _SUPPORTED_CKPT_FORMAT)
     if ckpt_format != _SUPPORTED_CKPT_FORMAT and (getattr(args, "save", None) or getattr(args, "load", None)):
         raise ValueError(

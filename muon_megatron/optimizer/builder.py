@@ -29,9 +29,7 @@ __all__ = [
     "get_muon_optimizer",
     "muon_optimizers",
     "muon_metrics",
-    "check_parallelism",
     "check_supported",
-    "parallelism_errors",
     "pipeline_chain",
 ]
 
@@ -67,28 +65,6 @@ def check_supported(config) -> None:
             "use_precision_aware_optimizer=True keeps main params inside TE's FusedAdam, where "
             "Muon cannot update them; turn it off."
         )
-
-
-def parallelism_errors(context_parallel_size: int) -> list[str]:
-    """Why Muon refuses a run with context parallelism: it has not been run or tested. One
-    message per problem, naming the flag and the way out ([] when it is not used).
-    Interleaved pipelines (several model chunks per rank) are supported: the plan names
-    every matrix by its global layer (`plan.plan_names`)."""
-    errors = []
-    if context_parallel_size > 1:
-        errors.append(
-            f"--context-parallel-size {context_parallel_size} is not supported with --optimizer "
-            "muon: its grid would span megatron-core's data-and-context-parallel group, which "
-            "has never been run or tested with it; use --context-parallel-size 1."
-        )
-    return errors
-
-
-def check_parallelism(context_parallel_size: int) -> None:
-    """ValueError with every `parallelism_errors` message, if any."""
-    errors = parallelism_errors(context_parallel_size)
-    if errors:
-        raise ValueError("\n".join(errors))
 
 
 @contextlib.contextmanager
@@ -147,9 +123,6 @@ def get_muon_optimizer(
     megatron_kw = {k: v for k, v in megatron_kw.items() if k in accepted}
 
     check_supported(config)
-    from megatron.core.utils import get_model_config
-
-    check_parallelism(getattr(get_model_config(model_chunks[0]), "context_parallel_size", 1))
     if getattr(model_chunks[0].ddp_config, "use_megatron_fsdp", False):
         raise ValueError("Megatron-FSDP is not supported with Muon; use the ZeRO-1 DDP.")
     if getattr(model_chunks[0].ddp_config, "num_distributed_optimizer_instances", 1) > 1:

@@ -2,9 +2,10 @@
 (an asynchronous all-to-all).
 
 A dense weight is sharded over the tensor-parallel group (by Megatron's layers) and over
-the data-parallel group (by the ZeRO-1 grad buffer); an expert weight over the expert-TP
-and expert-DP groups. The *grid* is the set of ranks holding a piece of the same weights:
-the union of the TP groups of the members of one DP group. megatron-core has this group
+the data-parallel group (by the ZeRO-1 grad buffer: megatron-core's data-and-context-
+parallel group, so under context parallelism the grid spans TP x DP x CP); an expert
+weight over the expert-TP and expert-DP groups. The *grid* is the set of ranks holding a
+piece of the same weights: the union of the TP groups of the members of one DP group. megatron-core has this group
 for dense weights (tensor-and-data-parallel) but not for experts, so we build grids
 ourselves from any (tp_group, dp_group) pair: the DP peers exchange their TP groups, and
 the grid's own ranks create its process group (nothing world-wide). Grids are cached, so

@@ -14,7 +14,7 @@ one rank of a world of any size, without a cluster:
   `grid.build_grid`) is answered from megatron-core's own `RankGenerator`, the layout
   `initialize_model_parallel` builds its groups from.
 
-Under pure DP, TP and EP every rank of a pipeline stage sees the same plan (its grids,
+Under pure DP, TP, CP and EP every rank of a pipeline stage sees the same plan (its grids,
 owners, buckets and ranges: the plan is computed identically on every rank), so one rank per
 stage gives every rank's figures. The process must have CUDA hidden (the planner runs in a
 child process with `CUDA_VISIBLE_DEVICES=""`): megatron-core then runs through
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -66,6 +67,21 @@ def _on_meta_device() -> Iterator[None]:
         torch.cuda.current_device = saved
 
 
+def _without_context_parallel_config(args: argparse.Namespace) -> argparse.Namespace:
+    """The flags the model itself is built with: `--context-parallel-size` 1.
+
+    Context parallelism changes no parameter and no DDP buffer: DDP and the optimizer take
+    their data-and-context-parallel group from megatron's process groups, which
+    `initialize_parallel` creates with CP, so the grids and ZeRO-1 ranges are the run's. Only
+    the attention's forward reads the config's CP size, and megatron-core's local attention,
+    the one the planner builds, refuses a config with CP > 1; the planner runs no forward."""
+    if args.context_parallel_size == 1:
+        return args
+    built = copy.copy(args)
+    built.context_parallel_size = 1
+    return built
+
+
 def build_rank(args: argparse.Namespace, world_size: int, rank: int, layout: RankLayout):
     """(model chunks, optimizer) of `rank`, as `training.model` / `training.step` build them
     for a run, on the meta device. Call inside `fake_rank(world_size, rank)`."""
@@ -76,7 +92,7 @@ def build_rank(args: argparse.Namespace, world_size: int, rank: int, layout: Ran
 
     model_builder.initialize_parallel(args, gloo_groups=False)
     with _on_meta_device():
-        model = model_builder.build_model(args)
+        model = model_builder.build_model(_without_context_parallel_config(args))
         optimizer = get_muon_optimizer(
             optimizer_config_from_args(args),
             model,

@@ -117,14 +117,18 @@ class Layout:
     sequence_parallel: bool = False
     vpp: int | None = None
     """Virtual stages (model chunks) per pipeline rank: an interleaved pipeline."""
+    cp: int = 1
+    """Context-parallel size (megatron-core's attention needs Transformer Engine's for cp > 1:
+    `ModelSpec(transformer_impl="transformer_engine")`)."""
 
     def dp(self, world_size: int) -> int:
         """Data-parallel size (dense params) of this layout on `world_size` ranks."""
-        if world_size % (self.tp * self.pp) != 0:
+        if world_size % (self.tp * self.pp * self.cp) != 0:
             raise ValueError(
-                f"world size {world_size} is not divisible by tp*pp = {self.tp}*{self.pp}"
+                f"world size {world_size} is not divisible by tp*pp*cp = "
+                f"{self.tp}*{self.pp}*{self.cp}"
             )
-        return world_size // (self.tp * self.pp)
+        return world_size // (self.tp * self.pp * self.cp)
 
     def check(self, spec: ModelSpec, world_size: int) -> None:
         """Raise ValueError, naming the fix, if `spec` cannot run under this layout (the
@@ -148,6 +152,7 @@ def megatron_argv(spec: ModelSpec, layout: Layout, seed: int = 0) -> list[str]:
         f"--tensor-model-parallel-size={layout.tp}",
         f"--pipeline-model-parallel-size={layout.pp}",
         f"--expert-model-parallel-size={layout.ep}",
+        f"--context-parallel-size={layout.cp}",
         f"--num-layers={spec.num_layers}",
         f"--hidden-size={spec.hidden_size}",
         f"--num-attention-heads={spec.num_attention_heads}",
@@ -286,7 +291,9 @@ def forward_backward(
 ) -> float:
     """`training.step.forward_backward` on this rank's rows of the global `batch`.
 
-    This rank takes rows `[dp_rank*n, (dp_rank+1)*n)` (n = gbs/dp). Afterwards each param's
+    This rank takes rows `[dp_rank*n, (dp_rank+1)*n)` (n = gbs/dp; the context-parallel
+    ranks of one DP rank take the same rows and `step.forward_backward` splits their
+    sequence). Afterwards each param's
     `main_grad` holds the gradient of the mean per-token loss over the whole global batch;
     returns that mean loss, identical on every rank.
     """

@@ -22,6 +22,8 @@ def verify_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--cp", type=int, default=1,
+                        help="context-parallel size (needs --transformer-impl transformer_engine)")
     parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--etp", type=int, default=None, help="expert TP size (default: TP)")
     parser.add_argument("--experts", type=int, default=None, help="MoE with this many experts")
@@ -77,7 +79,8 @@ def _verify(argv: Sequence[str]) -> int:
     from muon_megatron.tools.verify import VerifySpec, run_verify
 
     layout = Layout(
-        tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sequence_parallel=args.sequence_parallel
+        tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sequence_parallel=args.sequence_parallel,
+        cp=args.cp,
     )
     model = ModelSpec(
         num_layers=2 * args.pp,
@@ -89,6 +92,10 @@ def _verify(argv: Sequence[str]) -> int:
         **(MLA_MODEL if args.mla else {}),
     )
     spec = VerifySpec(layout=layout, dp=args.dp, model=model, steps=args.steps)
+    try:  # the training entry's layout checks (CP with local attention, say), before any rank
+        spec.distributed_layout().check(model, spec.world_size)
+    except ValueError as error:
+        parser.error(str(error))
     result = run_verify(spec, cfg, backend=args.backend)
     if launcher_rank() != 0:  # under torchrun, rank 0 reports
         return 0 if result["within_tolerance"] else 1

@@ -117,8 +117,8 @@ def tensor_tolerance_for(muon_config: MuonConfig, bf16_params: bool = False) -> 
 
 @dataclass
 class VerifySpec:
-    """One parity check: a model under a layout on `layout.tp * dp * layout.pp` ranks, and the
-    run both phases train."""
+    """One parity check: a model under a layout on `layout.tp * dp * layout.pp * layout.cp`
+    ranks, and the run both phases train."""
 
     layout: Layout = field(default_factory=lambda: _tiny().Layout())
     """The distributed run's layout; with TP > 1 and MoE, sequence parallelism is switched on
@@ -140,7 +140,7 @@ class VerifySpec:
 
     @property
     def world_size(self) -> int:
-        return self.layout.tp * self.dp * self.layout.pp
+        return self.layout.tp * self.dp * self.layout.pp * self.layout.cp
 
     def model_spec(self) -> ModelSpec:
         if self.model is not None:
@@ -160,6 +160,8 @@ class VerifySpec:
         parts = [f"TP{lay.tp}", f"DP{self.dp}", f"PP{lay.pp}", f"EP{lay.ep}"]
         if lay.vpp is not None:
             parts.insert(3, f"VPP{lay.vpp}")
+        if lay.cp > 1:
+            parts.append(f"CP{lay.cp}")
         if lay.etp is not None:
             parts.append(f"ETP{lay.etp}")
         if model.num_experts:

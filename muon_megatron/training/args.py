@@ -17,6 +17,7 @@ from muon_megatron.config_flags import add_muon_config_args, muon_config_from_ar
 from muon_megatron.training.data import VOCAB_SIZE
 from muon_megatron.training.indexed_data import add_data_args, data_errors
 from muon_megatron.training.interleaving import interleaved_batch_errors, virtual_pipeline_errors
+from muon_megatron.training.layout_checks import context_parallel_errors, mla_errors
 from muon_megatron.training.writers import add_writer_args, writer_errors
 
 __all__ = ["build_parser", "layout_errors", "validate_args", "default_world_size",
@@ -78,7 +79,8 @@ def build_parser(data: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
                    help="Default: the tensor-parallel size (as in Megatron-LM).")
-    g.add_argument("--context-parallel-size", type=int, default=1, help="Refused above 1.")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="Above 1 needs Transformer Engine's attention.")
     for vpp, what in (("layers-per-virtual-pipeline-stage", "layers per model chunk"),
                       ("virtual-stages-per-pipeline-rank", "model chunks per pipeline rank")):
         g.add_argument(f"--num-{vpp}", type=int, default=None, help=f"Interleaving: {what}.")
@@ -248,11 +250,12 @@ def _etp(args: argparse.Namespace) -> int:
 
 
 def default_world_size(args: argparse.Namespace) -> int:
-    """Smallest world for the layout: dp is the least that lets ep x etp divide dp x tp."""
+    """Smallest world for the layout: dp is the least that lets ep x etp divide dp x cp x tp."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    cp = max(args.context_parallel_size, 1)
     experts = args.expert_model_parallel_size * _etp(args)
-    dp = experts // math.gcd(experts, tp)
-    return dp * tp * pp
+    dp = experts // math.gcd(experts, tp * cp)
+    return dp * tp * pp * cp
 
 
 def layout_errors(args: argparse.Namespace, world_size: int) -> list[str]:
@@ -268,9 +271,6 @@ def layout_errors(args: argparse.Namespace, world_size: int) -> list[str]:
             errors.append(message)
 
     need(cp >= 1, f"--context-parallel-size {cp} must be >= 1")
-    if args.optimizer == "muon":  # get_muon_optimizer's own refusals, before any process starts
-        from muon_megatron.optimizer.builder import parallelism_errors
-        errors.extend(parallelism_errors(cp))
     errors.extend(virtual_pipeline_errors(args))
     need(world_size % (tp * pp * cp) == 0,
          f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
@@ -281,7 +281,7 @@ def layout_errors(args: argparse.Namespace, world_size: int) -> list[str]:
         need(args.num_query_groups % tp == 0,
              f"--num-query-groups {args.num_query_groups} is not divisible by tp={tp}")
     if args.multi_latent_attention:
-        errors.extend(_mla_errors(args, tp))
+        errors.extend(mla_errors(args, tp))
     need(not args.sequence_parallel or tp > 1, "--sequence-parallel needs tp > 1")
     need(not args.qk_clip or (args.qk_clip_threshold > 0 and 0 <= args.qk_clip_alpha <= 1),
          "--qk-clip needs --qk-clip-threshold > 0 and --qk-clip-alpha in [0, 1]")
@@ -289,8 +289,11 @@ def layout_errors(args: argparse.Namespace, world_size: int) -> list[str]:
          or args.transformer_impl != "transformer_engine",
          "--qk-clip / --log-max-attention-logit read the local attention's logits: use "
          "--transformer-impl local")
-    need(not args.sequence_parallel or args.seq_length % tp == 0,
-         f"--seq-length {args.seq_length} is not divisible by tp={tp} (sequence parallel)")
+    if cp > 1:
+        errors.extend(context_parallel_errors(args, tp, cp))
+    else:
+        need(not args.sequence_parallel or args.seq_length % tp == 0,
+             f"--seq-length {args.seq_length} is not divisible by tp={tp} (sequence parallel)")
     uneven = (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers)
     if uneven == (None, None):
         need(args.num_layers % pp == 0,
@@ -321,28 +324,6 @@ def layout_errors(args: argparse.Namespace, world_size: int) -> list[str]:
     return errors
 
 
-def _mla_errors(args: argparse.Namespace, tp: int) -> list[str]:
-    """MLA's shapes under TP: every projection is column-parallel in the local layers, so
-    each output dim must split evenly (megatron-core does not check it)."""
-    errors = []
-    latent = args.kv_lora_rank + args.qk_pos_emb_head_dim
-    if latent % tp:
-        errors.append(f"--kv-lora-rank + --qk-pos-emb-head-dim = {latent} is not divisible "
-                      f"by tp={tp} (linear_kv_down_proj is column-parallel)")
-    if args.q_lora_rank is not None and args.q_lora_rank % tp:
-        errors.append(f"--q-lora-rank {args.q_lora_rank} is not divisible by tp={tp}")
-    for flag in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
-        if getattr(args, flag) < 1:
-            errors.append(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
-    if args.position_embedding_type != "rope":
-        errors.append("--multi-latent-attention applies its own RoPE: drop "
-                      "--position-embedding-type learned_absolute")
-    if args.group_query_attention:
-        errors.append("--multi-latent-attention has one key head per query head: drop "
-                      "--group-query-attention")
-    return errors
-
-
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """Raise ValueError, naming the value and the fix, for settings that cannot run."""
     errors = layout_errors(args, world_size)
@@ -352,14 +333,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             errors.append(message)
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    dp = world_size // (tp * pp) if world_size % (tp * pp) == 0 else 1
+    cp = args.context_parallel_size
+    dp = world_size // (tp * pp * cp) if cp >= 1 and world_size % (tp * pp * cp) == 0 else 1
     need(args.global_batch_size % (args.micro_batch_size * dp) == 0,
          f"--global-batch-size {args.global_batch_size} must be a multiple of "
          f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dp}")
     errors.extend([] if errors else interleaved_batch_errors(args, dp))
     need(not args.fp16, "--fp16 is not supported with muon-megatron; use --bf16")
-    need(args.context_parallel_size == 1, f"--context-parallel-size {args.context_parallel_size}:"
-         " the training entry's local attention does not support context parallelism; use 1")
     need(args.data_path is not None or (args.vocab_size or VOCAB_SIZE) >= VOCAB_SIZE,
          f"--vocab-size {args.vocab_size} is below the byte tokenizer's {VOCAB_SIZE}")
     errors.extend(data_errors(args) + writer_errors(args))

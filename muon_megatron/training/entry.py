@@ -20,7 +20,8 @@ What one run does, rank by rank:
   megatron's `OptimizerParamScheduler` (warmup, then the decay style) for both.
 * data: `--data-path` (Megatron's indexed datasets through megatron-core's GPTDataset,
   `training.indexed_data`), or by default the stdlib sources as bytes (`training.data`);
-  each DP rank reads its own rows.
+  each DP rank reads its own rows, and with `--context-parallel-size` each of its CP ranks
+  its share of every sequence (`training.step`).
 * output: Megatron-style log lines on rank 0; TensorBoard / wandb scalars with
   `--tensorboard-dir` / `--wandb-project` (`training.writers`); `<output-dir>/<optimizer>.json`
   (every iteration's loss, lr, grad norm, update RMS, throughput, the validation losses and
@@ -181,7 +182,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         local = gpt.local_parameter_count(model)
         print(
             f"> {args.optimizer} | world {log['world_size']} = tp {args.tensor_model_parallel_size}"
-            f" x pp {args.pipeline_model_parallel_size} x dp {dp_size}"
+            f" x pp {args.pipeline_model_parallel_size} x cp {args.context_parallel_size}"
+            f" x dp {dp_size}"
             f" (ep {args.expert_model_parallel_size}) | params on rank 0: {local:,}"
             f" | {log['data']['summary']}",
             flush=True,

@@ -34,6 +34,7 @@ from megatron.core.transformer.module import Float16Module
 
 from muon_megatron.training.args import model_dims
 from muon_megatron.training.interleaving import virtual_pipeline_size
+from muon_megatron.training.layout_checks import uses_transformer_engine
 from muon_megatron.training.indexed_data import model_vocab_size
 from muon_megatron.training.mla import (
     fix_local_mla_gradients,
@@ -90,18 +91,6 @@ def initialize_parallel(
         seed += 100 * parallel_state.get_pipeline_model_parallel_rank()
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
-def _use_transformer_engine(args: argparse.Namespace) -> bool:
-    if args.transformer_impl is not None:
-        return args.transformer_impl == "transformer_engine"
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def transformer_config(args: argparse.Namespace) -> TransformerConfig:
@@ -266,7 +255,7 @@ def build_model(
     Megatron-LM's `get_model` builds them (`vp_stage`, bucketing on the first chunk only).
     """
     config = transformer_config(args)
-    use_te = _use_transformer_engine(args)
+    use_te = uses_transformer_engine(args)
     if args.num_experts is not None and args.moe_grouped_gemm and not use_te:
         _require_local_grouped_mlp()
     virtual = virtual_pipeline_size(args)

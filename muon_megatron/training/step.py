@@ -8,6 +8,16 @@ returning (sum, num_tokens): the schedule divides each micro-batch loss by its t
 and by the number of micro-batches, and DDP pre-scales grads by 1/dp before the sum
 reduction, so the reduced gradient is that of the mean per-token loss over the whole global
 batch. The returned loss is that mean, the same on every rank.
+
+Context parallelism: the CP ranks of one DP rank get the same rows, and each forward takes
+its CP rank's share of the sequence (megatron-core's `get_batch_on_this_cp_rank`: the
+sequence in 2 x CP chunks, rank r keeping chunks r and 2 x CP - 1 - r, which is what
+Transformer Engine's context-parallel attention expects). Each CP rank's loss function
+returns CP x its own chunks' loss sum with the token count of the whole micro-batch's
+sequence (known before the split: no communication); DDP pre-scales by 1/(dp x cp) and sums
+over the DP x CP group, so the CP ranks' shares add up to the sum over the whole sequence
+divided by its token count: the same mean per-token loss, exact also where the loss mask
+leaves the CP ranks different numbers of tokens.
 """
 
 from __future__ import annotations
@@ -158,22 +168,32 @@ def build_optimizer_and_scheduler(
 
 
 def _loss_func(
-    loss_mask: torch.Tensor, output_tensor: torch.Tensor
+    loss_mask: torch.Tensor,
+    sequence_tokens: torch.Tensor,
+    cp_size: int,
+    output_tensor: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     # (sum, num_tokens, report): the schedule divides by num_tokens and the number of
-    # micro-batches. The report is a copy: the schedule divides the first element in place.
+    # micro-batches. Under CP, `loss_mask` is this CP rank's share and `sequence_tokens` the
+    # whole sequence's count (module docstring). The report (this rank's own sum and
+    # tokens) is a copy: the schedule divides the first element in place.
     loss_sum = (output_tensor.float() * loss_mask).sum()
-    num_tokens = loss_mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach().clone().double(), num_tokens.double()])
-    return loss_sum, num_tokens, {"loss_sum_and_tokens": report}
+    report = torch.stack([loss_sum.detach().clone().double(), loss_mask.sum().double()])
+    return loss_sum * cp_size, sequence_tokens, {"loss_sum_and_tokens": report}
 
 
 def _forward_step(
     data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module
 ) -> tuple[torch.Tensor, Callable]:
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
     micro = next(data_iterator)
+    sequence_tokens = micro["loss_mask"].sum().to(torch.int)
+    cp_size = parallel_state.get_context_parallel_world_size()
+    if cp_size > 1:
+        micro = get_batch_on_this_cp_rank(dict(micro))
     output = model(micro["tokens"], micro["position_ids"], None, labels=micro["labels"])
-    return output, functools.partial(_loss_func, micro["loss_mask"])
+    return output, functools.partial(_loss_func, micro["loss_mask"], sequence_tokens, cp_size)
 
 
 def forward_backward(
@@ -185,11 +205,12 @@ def forward_backward(
     forward_only: bool = False,
 ) -> float:
     """Run megatron's schedule on this DP rank's rows `local` (tokens, labels, loss_mask,
-    position_ids, each [rows, seq]) in micro-batches of `micro_batch_size`; pipelined when
-    pp > 1. Unless `forward_only`, the grad buffers are zeroed first and afterwards hold the
-    gradient of the global batch's mean per-token loss. Returns that mean loss. With several
-    model chunks (an interleaved pipeline) the micro-batches per step must be a multiple of
-    the pipeline size (ValueError otherwise)."""
+    position_ids, each [rows, seq], the whole sequence: each forward takes its CP rank's
+    share) in micro-batches of `micro_batch_size`; pipelined when pp > 1. Unless
+    `forward_only`, the grad buffers are zeroed first and afterwards hold the gradient of
+    the global batch's mean per-token loss. Returns that mean loss. With several model
+    chunks (an interleaved pipeline) the micro-batches per step must be a multiple of the
+    pipeline size (ValueError otherwise)."""
     if local["tokens"].shape[0] % micro_batch_size != 0:
         raise ValueError(
             f"{local['tokens'].shape[0]} rows per data-parallel rank are not divisible by "
@@ -222,6 +243,7 @@ def forward_backward(
         forward_only=forward_only,
     )
     # Only the last pipeline stage has losses; TP ranks hold copies: count TP rank 0 only.
+    # CP ranks hold their own chunks' sums and tokens: all of them count.
     total = torch.zeros(2, dtype=torch.float64, device=here)
     if (
         parallel_state.is_pipeline_last_stage()

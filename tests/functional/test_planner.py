@@ -6,7 +6,10 @@ run of the training entry's builder. The plan's owners, buckets, Newton-Schulz F
 rank, bytes every rank sends and receives in Muon's all-to-alls (counted by the bench's
 `CollectiveCounter` around one real step) and the step's peak transient bytes (what
 `run_pipeline` measures) must be equal: the same integers, since both are the optimizer's
-own plan. A second test reads `run_pipeline`'s own trace at world 4 and checks that the
+own plan. At CP2 the real run builds megatron-core's TE spec on the CPU stand-in (local
+attention refuses CP) and the planner its local layers without CP in the model config (CP
+changes no parameter): the grids, over DP x CP, and every figure must still be equal. A
+second test reads `run_pipeline`'s own trace at world 4 and checks that the
 event model plays the same issue order.
 """
 
@@ -34,6 +37,10 @@ LAYOUTS = {
     "pp2xdp2": (4, ModelSpec(num_layers=6), Layout(pp=2)),
     # Two model chunks per rank: the plan of each stage covers both chunks' matrices.
     "pp2xvpp2xdp2": (4, DENSE, Layout(pp=2, vpp=2)),
+    # The grid over DP x CP. The real run builds megatron-core's TE spec (on the CPU stand-in:
+    # the local attention refuses CP), the planner its local layers: the same parameters, in
+    # the same order and sizes in the DDP buffer.
+    "cp2xdp2": (4, ModelSpec(num_layers=4, transformer_impl="transformer_engine"), Layout(cp=2)),
 }
 
 
@@ -86,11 +93,18 @@ def _plan(tmp_path, world: int, spec: ModelSpec, layout: Layout) -> dict:
     return json.loads(path.read_text())
 
 
+def _spawn_real(world: int, spec: ModelSpec, layout: Layout) -> list[dict]:
+    return spawn(_real_rank, world, spec, layout)
+
+
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_plan_equals_the_built_optimizer(tmp_path, name: str) -> None:
+def test_plan_equals_the_built_optimizer(tmp_path, name: str, te_stand_in) -> None:
     world, spec, layout = LAYOUTS[name]
     plan = _plan(tmp_path, world, spec, layout)
-    real = spawn(_real_rank, world, spec, layout)
+    if spec.transformer_impl == "transformer_engine":
+        real = te_stand_in.in_te_process(_spawn_real, world, spec, layout, timeout_s=600)
+    else:
+        real = _spawn_real(world, spec, layout)
     planned_ranks = {int(r): v for s in plan["stages"] for r, v in s["per_rank"].items()}
     assert sorted(planned_ranks) == list(range(world))
     for got in real:

@@ -145,6 +145,26 @@ def test_attention_matches_softmax_attention(te) -> None:
     torch.testing.assert_close(out, expected)
 
 
+def test_attention_keeps_the_context_parallel_attributes(te) -> None:
+    """TE v2.11 dot_product_attention.py L363-366 / L529-567: the CP group, ranks, stream and
+    comm type are kept; comm types the stand-in does not compute are refused."""
+    attention = te.pytorch.DotProductAttention(4, 8, cp_comm_type="all_gather")
+    assert (attention.cp_group, attention.cp_global_ranks, attention.cp_stream) == (None,) * 3
+    assert attention.cp_comm_type == "all_gather"
+    with pytest.raises(NotImplementedError, match="a2a"):
+        attention.set_context_parallel_group(None, None, None, "a2a")
+
+
+def test_context_parallel_positions_are_megatrons_load_balanced_chunks(te) -> None:
+    """CP rank r holds chunks r and 2 x CP - 1 - r of the sequence (TE v2.11
+    context_parallel.py L2882; megatron-core's get_batch_on_this_cp_rank splits the batch
+    so): at CP2 with 8 positions per rank, rank 0 has 0-3 and 12-15, rank 1 has 4-11."""
+    attention = importlib.import_module(f"{ALIAS}.pytorch.attention")
+    assert attention._chunk_order(2) == [0, 3, 1, 2]
+    assert attention._local_positions(8, 0, 2, "cpu").tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert attention._local_positions(8, 1, 2, "cpu").tolist() == list(range(4, 12))
+
+
 def test_stand_in_is_not_importable_here() -> None:
     """The stand-in stays off this process's sys.path (tests/te_stand_in/run.py says why)."""
     spec = importlib.util.find_spec("transformer_engine")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -181,6 +182,18 @@ _DEVICE_LITERAL_MODULES = (
 )
 
 
+def _unpinned(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` without `pin_memory` (pinned host memory needs a CUDA driver; it only ever
+    served an H2D copy)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("pin_memory", None)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _install_device_literal_mapping() -> None:
     import importlib
 
@@ -191,6 +204,12 @@ def _install_device_literal_mapping() -> None:
         if isinstance(view, _TorchView) and "tensor" in view._overrides:
             continue
         _view_torch_in(module, factories)
+
+    # models/common/embeddings/rope_utils.py 62 (get_pos_emb_on_this_cp_rank, context
+    # parallelism): a pinned host tensor for the H2D copy of the CP rank's chunk indices.
+    from megatron.core.models.common.embeddings import rope_utils
+
+    _view_torch_in(rope_utils, {"tensor": _unpinned(torch.tensor)})
 
     # transformer/utils.py 35/40: the causal / sliding-window attention masks of the local
     # DotProductAttention (via fusions/fused_softmax.py). Rebound rather than viewed: that

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["column_input", "row_output"]
+__all__ = ["column_input", "gather_sequence", "row_output"]
 
 
 def _size(group) -> int:
@@ -98,3 +98,12 @@ def row_output(y: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
     if sequence_parallel:
         return _ScatterSeq.apply(y, group)
     return _ReduceFromTP.apply(y, group)
+
+
+def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """`x` all-gathered along dim 0 over `group` (ranks in group order), its gradient
+    reduce-scattered back: TE's `gather_along_first_dim` forward and
+    `reduce_scatter_along_first_dim` backward (TE v2.11 distributed.py)."""
+    if _size(group) == 1:
+        return x
+    return _GatherSeq.apply(x, group)

@@ -2,8 +2,20 @@
 dot_product_attention/dot_product_attention.py L154), as plain softmax attention in torch:
 `sbhd` / `bshd` layouts, causal or no mask, grouped-query heads, different q/k and v head
 sizes (MLA), dropout under the RNG tracker, and the per-head max logit TE 2.9+ returns for
-QK-Clip. Out of reach, refused: context parallelism, THD / packed sequences, padding and
-arbitrary masks, attention bias, sliding windows, non-vanilla softmax."""
+QK-Clip. Out of reach, refused: THD / packed sequences, padding and arbitrary masks, attention
+bias, sliding windows, non-vanilla softmax, and context parallelism other than over one
+process group with `cp_comm_type` "p2p" or "all_gather".
+
+Context parallelism computes what TE's `cp_comm_type="all_gather"` computes (TE v2.11
+context_parallel.py `AttnFuncWithCPAndKVAllGather`, L2759): the rank holds the query, key and
+value of two of the sequence's 2 x CP equal chunks, chunks r and 2 x CP - 1 - r (L2882, the
+split megatron-core's `get_batch_on_this_cp_rank` makes); K and V are all-gathered along the
+sequence over the CP group (L2865-2866, their gradients reduce-scattered back), and every
+local query attends to the gathered keys at global positions up to its own (causal; the keys'
+positions follow from the gather order, which L2869-2876 reorders into the sequence). With
+`return_max_logit` the per-head max is all-reduced (MAX) over the CP group (L2997-3000).
+TE's "p2p" ring (the default megatron-core asks for) computes the same exact attention with
+other communication; the stand-in computes it the all-gather way for both."""
 
 from __future__ import annotations
 
@@ -13,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ._base import StandInModule, refuse
+from ._comm import gather_sequence
 from .distributed import get_distributed_world_size
 
 __all__ = ["DotProductAttention"]
@@ -30,8 +43,8 @@ class DotProductAttention(StandInModule):
                  softmax_scale: float | None = None, softmax_type: str = "vanilla",
                  return_max_logit: bool | None = False) -> None:
         super().__init__()
-        if cp_group is not None and get_distributed_world_size(cp_group) > 1:
-            refuse("context parallelism in DotProductAttention")
+        # TE v2.11 L363-366.
+        self.set_context_parallel_group(cp_group, cp_global_ranks, cp_stream, cp_comm_type)
         if window_size is not None and tuple(window_size) != (-1, 0):
             refuse("sliding-window attention")
         if softmax_type != "vanilla":
@@ -69,8 +82,16 @@ class DotProductAttention(StandInModule):
 
     def set_context_parallel_group(self, cp_group, cp_global_ranks, cp_stream,
                                    cp_comm_type="p2p") -> None:
-        if cp_group is not None and get_distributed_world_size(cp_group) > 1:
-            refuse("context parallelism in DotProductAttention")
+        """TE v2.11 L529-567: keep the CP attributes for the forward."""
+        if isinstance(cp_group, list) or cp_comm_type not in ("p2p", "all_gather"):
+            refuse(f"context parallelism with cp_comm_type={cp_comm_type!r}")
+        self.cp_group = cp_group
+        self.cp_global_ranks = cp_global_ranks
+        self.cp_stream = cp_stream
+        self.cp_comm_type = cp_comm_type
+
+    def _cp_size(self) -> int:
+        return 1 if self.cp_group is None else get_distributed_world_size(self.cp_group)
 
     def forward(self, query_layer: torch.Tensor, key_layer: torch.Tensor,
                 value_layer: torch.Tensor, attention_mask=None, qkv_format: str | None = None,
@@ -91,6 +112,16 @@ class DotProductAttention(StandInModule):
             refuse("attention bias")
         if inference_params is not None:
             refuse("inference_params")
+        cp = self._cp_size()
+        if cp > 1:
+            # [b, s, h, d] -> [s, b, h, d] for the gather along the sequence (TE v2.11 L2862).
+            seq_first = (lambda t: t) if fmt == "sbhd" else (lambda t: t.transpose(0, 1))
+            key_layer, value_layer = (
+                _gathered_in_sequence_order(seq_first(t), self.cp_group, cp)
+                for t in (key_layer, value_layer)
+            )
+            if fmt == "bshd":
+                key_layer, value_layer = key_layer.transpose(0, 1), value_layer.transpose(0, 1)
         # To [batch, heads, seq, dim].
         order = (1, 2, 0, 3) if fmt == "sbhd" else (0, 2, 1, 3)
         q, k, v = (t.permute(*order) for t in (query_layer, key_layer, value_layer))
@@ -100,7 +131,10 @@ class DotProductAttention(StandInModule):
         scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.softmax_scale
         if mask == "causal":
             sq, sk = scores.shape[-2:]
-            future = torch.ones(sq, sk, dtype=torch.bool, device=scores.device).triu(1)
+            q_pos = torch.arange(sq, device=scores.device)
+            if cp > 1:
+                q_pos = _local_positions(sq, _rank(self.cp_group), cp, scores.device)
+            future = torch.arange(sk, device=scores.device)[None, :] > q_pos[:, None]
             scores = scores.masked_fill(future, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         if self.training and self.attention_dropout > 0:
@@ -116,5 +150,37 @@ class DotProductAttention(StandInModule):
         if self.return_max_logit:
             # TE v2.11 L276-281: max over batch and positions of the masked, scaled scores,
             # one per head, shape [h].
-            return out, scores.detach().amax(dim=(0, 2, 3))
+            max_logit = scores.detach().amax(dim=(0, 2, 3))
+            if cp > 1:
+                torch.distributed.all_reduce(
+                    max_logit, op=torch.distributed.ReduceOp.MAX, group=self.cp_group
+                )
+            return out, max_logit
         return out
+
+
+def _rank(group) -> int:
+    return torch.distributed.get_rank(group)
+
+
+def _chunk_order(cp: int) -> list[int]:
+    """Sequence chunk of each of the 2 x CP pieces of a gather in rank order: rank r holds
+    chunks r and 2 x CP - 1 - r (TE v2.11 context_parallel.py L2882)."""
+    return [c for r in range(cp) for c in (r, 2 * cp - 1 - r)]
+
+
+def _gathered_in_sequence_order(x: torch.Tensor, group, cp: int) -> torch.Tensor:
+    """[s_local, ...] on each CP rank -> [s_local x CP, ...], the whole sequence in order
+    (TE v2.11 L2865-2876: all-gather, then reorder the 2 x CP chunks)."""
+    gathered = gather_sequence(x, group)
+    pieces = gathered.chunk(2 * cp, dim=0)
+    where = {chunk: i for i, chunk in enumerate(_chunk_order(cp))}
+    return torch.cat([pieces[where[c]] for c in range(2 * cp)], dim=0)
+
+
+def _local_positions(sq: int, rank: int, cp: int, device) -> torch.Tensor:
+    """Global sequence positions of this CP rank's `sq` queries: its two chunks, in order."""
+    half = sq // 2
+    first, second = rank, 2 * cp - 1 - rank
+    return torch.cat([torch.arange(first * half, (first + 1) * half, device=device),
+                      torch.arange(second * half, (second + 1) * half, device=device)])

@@ -1,14 +1,14 @@
-"""Context parallelism is refused before training, naming the flag and why, by all three
-doors: `get_muon_optimizer`, the training entry (`examples/pretrain_moe.py`) and the
-Megatron-LM hook; it has not been run or tested with Muon (issue 22): it would put the grid
-on megatron-core's data-and-context group. Interleaved pipelines (virtual pipeline stages)
-are accepted by all three; the training entry refuses, before any process starts, the
-interleaved layouts megatron-core's schedule cannot run (tests/functional/
-test_interleaved_pipeline.py trains them)."""
+"""Interleaved pipelines (virtual pipeline stages) and context parallelism are accepted by
+all three doors: `get_muon_optimizer`, the training entry (`examples/pretrain_moe.py`) and
+the Megatron-LM hook (tests/functional/test_interleaved_pipeline.py and test_cp_parity.py
+train them). The training entry refuses, before any process starts, only what it cannot run:
+interleaved layouts megatron-core's schedule cannot run, megatron-core's local attention
+under CP, and a sequence that does not split into 2 x CP equal chunks."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import types
 
 import pytest
@@ -26,15 +26,10 @@ STAGES = "--num-virtual-stages-per-pipeline-rank"
 CP = "--context-parallel-size 2"
 
 
-def test_messages_name_the_flags_and_why() -> None:
-    assert builder.parallelism_errors(1) == []
-    [cp] = builder.parallelism_errors(2)
-    assert CP in cp and "context-parallel group" in cp and "use --context-parallel-size 1" in cp
-
-
 def _chunk(cp: int = 1) -> types.SimpleNamespace:
     return types.SimpleNamespace(
-        ddp_config=types.SimpleNamespace(), config=types.SimpleNamespace(context_parallel_size=cp)
+        ddp_config=types.SimpleNamespace(), config=types.SimpleNamespace(context_parallel_size=cp),
+        named_parameters=lambda: iter(()),
     )
 
 
@@ -42,22 +37,63 @@ def _config() -> OptimizerConfig:
     return OptimizerConfig(optimizer="muon", use_distributed_optimizer=True)
 
 
-def test_get_muon_optimizer_refuses_context_parallelism() -> None:
-    with pytest.raises(ValueError, match=CP):
-        builder.get_muon_optimizer(_config(), [_chunk(cp=2)])
+@pytest.mark.parametrize("chunks", [[_chunk(cp=2)], [_chunk(), _chunk()]],
+                         ids=["context-parallel", "two-model-chunks"])
+def test_get_muon_optimizer_passes_them_on_to_megatron(chunks, monkeypatch) -> None:
+    """A CP2 model chunk, and two model chunks on a rank (an interleaved pipeline), get past
+    Muon's own checks to megatron-core's optimizer builder."""
+    import megatron.core.optimizer as mcore_optimizer
+
+    class Reached(Exception):
+        pass
+
+    def reached(*args: object, **kwargs: object) -> None:
+        raise Reached
+
+    monkeypatch.setattr(mcore_optimizer, "get_megatron_optimizer", reached)
+    with pytest.raises(Reached):
+        builder.get_muon_optimizer(_config(), chunks)
 
 
-def test_training_entry_refuses_context_parallelism_before_any_process_starts(monkeypatch) -> None:
+def _no_spawn(monkeypatch) -> None:
     from muon_megatron.runtime import launch
 
     def no_spawn(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a rank was spawned before the flag was refused")
+        raise AssertionError("a rank was spawned before the layout was refused")
 
     monkeypatch.setattr(launch, "spawn", no_spawn)
-    with pytest.raises(ValueError, match=CP):
-        entry.main(["--optimizer", "muon", *CP.split()])
-    with pytest.raises(ValueError, match=CP):
-        validate_args(build_parser().parse_args(["--optimizer", "muon", *CP.split()]), world_size=4)
+
+
+def test_training_entry_refuses_context_parallelism_on_local_attention(monkeypatch) -> None:
+    _no_spawn(monkeypatch)
+    argv = ["--optimizer", "muon", *CP.split(), "--transformer-impl", "local"]
+    message = "needs Transformer Engine's attention"
+    with pytest.raises(ValueError, match=message):
+        entry.main(argv)
+    with pytest.raises(ValueError, match=message):
+        validate_args(build_parser().parse_args(argv), world_size=4)
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adam"])
+def test_training_entry_takes_context_parallelism_with_te_attention(optimizer: str) -> None:
+    args = build_parser().parse_args(
+        ["--optimizer", optimizer, *CP.split(), "--transformer-impl", "transformer_engine",
+         "--seq-length", "64", "--tensor-model-parallel-size", "2", "--sequence-parallel"])
+    validate_args(args, world_size=8)  # TP2 x CP2 x DP2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--seq-length", "30"], "--seq-length 30 is not divisible by 2 x cp = 4"),
+     (["--seq-length", "36", "--tensor-model-parallel-size", "4", "--sequence-parallel"],
+      "--seq-length 36 / cp=2 is not divisible by tp=4")],
+    ids=["two-chunks-per-rank", "sequence-parallel-share"],
+)
+def test_training_entry_refuses_a_sequence_cp_cannot_split(argv: list, message: str) -> None:
+    args = build_parser().parse_args(
+        ["--optimizer", "muon", *CP.split(), "--transformer-impl", "transformer_engine", *argv])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate_args(args, world_size=8)
 
 
 INTERLEAVED = ["--pipeline-model-parallel-size", "2", "--num-layers", "4"]
@@ -100,12 +136,7 @@ def test_virtual_stages_derive_as_megatron_lm_derives_them(flags, size) -> None:
 def test_training_entry_refuses_interleaved_layouts_it_cannot_run(
     argv, world, message, monkeypatch
 ) -> None:
-    from muon_megatron.runtime import launch
-
-    def no_spawn(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a rank was spawned before the layout was refused")
-
-    monkeypatch.setattr(launch, "spawn", no_spawn)
+    _no_spawn(monkeypatch)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         validate_args(build_parser().parse_args(["--optimizer", "muon", *argv]), world)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -122,22 +153,15 @@ def _megatron_lm_args(**overrides: object) -> argparse.Namespace:
     return args
 
 
-def test_megatron_lm_hook_refuses_context_parallelism() -> None:
-    """`_check_muon_run` runs in the hook's validate_args (before Megatron-LM's own) and in
-    its optimizer builder."""
-    with pytest.raises(ValueError, match=CP):
-        hooks._check_muon_run(_megatron_lm_args(context_parallel_size=2))
-    hooks._check_muon_run(_megatron_lm_args(context_parallel_size=1))
-
-
 @pytest.mark.parametrize(
     "overrides",
     [{"num_layers_per_virtual_pipeline_stage": 2},
      {"num_virtual_stages_per_pipeline_rank": 2},
-     {"virtual_pipeline_model_parallel_size": 2}],
-    ids=["layers-per-virtual-stage", "virtual-stages-per-rank", "derived-vpp"],
+     {"virtual_pipeline_model_parallel_size": 2},
+     {"context_parallel_size": 2}],
+    ids=["layers-per-virtual-stage", "virtual-stages-per-rank", "derived-vpp", "context-parallel"],
 )
-def test_megatron_lm_hook_accepts_virtual_stages(overrides: dict) -> None:
-    """Megatron-LM builds the model chunks and its interleaved schedule itself; the hook
-    lets them through to `get_muon_optimizer`."""
+def test_megatron_lm_hook_accepts_them(overrides: dict) -> None:
+    """Megatron-LM builds the model chunks, its interleaved schedule and the CP split itself;
+    `_check_muon_run` (the hook's validate_args and optimizer builder) lets them through."""
     hooks._check_muon_run(_megatron_lm_args(**overrides))
