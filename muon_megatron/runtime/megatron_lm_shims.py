@@ -151,6 +151,29 @@ def _install_persistent_checkpoint_worker() -> None:
 
     if not isinstance(async_utils.__dict__.get("mp"), _patching._TorchView):
         async_utils.mp = _patching._TorchView(async_utils.mp, {"get_context": _patching._mark(get_context)})
+    _copy_at_preload()
+
+
+def _copy_at_preload() -> None:
+    """An async save hands the worker its tensors through `preload_tensors`
+    (filesystem_async.py:212-231), the device-to-host copy that the rank waits for before it
+    trains on. For a tensor already on the CPU, `tensor.to("cpu")` is that same tensor, not a
+    copy: the worker would write the live parameters and optimizer state while the next steps
+    change them (the checkpoint of core_v0.19 held later momentum values than the synchronous
+    one). Copy CPU tensors there, as the GPU path does."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    def copying(orig: Callable[..., Any]) -> Callable[..., Any]:
+        def preload_tensors(write_buckets: list, *args: Any, **kwargs: Any) -> Any:
+            copied = [
+                (file_name, key, (data, [(item, t.clone() if t.device.type == "cpu" else t) for item, t in tensors]))
+                for file_name, key, (data, tensors) in write_buckets
+            ]
+            return orig(copied, *args, **kwargs)
+
+        return preload_tensors
+
+    _patching._wrap_method(FileSystemWriterAsync, "preload_tensors", copying)
 
 
 # --------------------------------------------------------------------------------------------

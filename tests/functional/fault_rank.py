@@ -83,7 +83,7 @@ def _install(point: str, n: int) -> None:
     from muon_megatron.optimizer.distributed import MuonDistributedOptimizer
 
     rank_pid = os.getpid()
-    count = {"saves": 0, "iteration": 0}
+    count = {"saves": 0, "iteration": 0, "saver": None}
     in_step = {"n": None}  # the iteration whose optimizer step is running, else None
     step_with_ready_grads = MuonDistributedOptimizer.step_with_ready_grads
 
@@ -113,6 +113,7 @@ def _install(point: str, n: int) -> None:
         @functools.wraps(write_all)
         def counted_save(*args, **kwargs):
             count["saves"] += 1
+            count["saver"] = os.getpid()  # the rank, or its checkpoint worker (async)
             return write_all(*args, **kwargs)
 
         setattr(FileSystemWriterAsync, name, staticmethod(counted_save))
@@ -121,10 +122,9 @@ def _install(point: str, n: int) -> None:
         @functools.wraps(write)
         def write_then_kill(transform_list, local_proc_idx, *args, **kwargs):
             result = write(transform_list, local_proc_idx, *args, **kwargs)
-            # The counter is that of the process running the save (the rank, or its checkpoint
-            # worker), as a forked writer inherited it. The writer of an async save is the
-            # worker or its child, neither the rank nor the rank's child.
-            is_async = rank_pid not in (os.getpid(), os.getppid())
+            # The counters are those of the process running the save (the rank, or its
+            # checkpoint worker), as a forked writer inherited them.
+            is_async = count["saver"] != rank_pid
             if count["saves"] == n and local_proc_idx == 0 and is_async == (point != "save-file"):
                 _kill(rank_pid)
                 os._exit(0)  # a forked writer has nothing left to report to
