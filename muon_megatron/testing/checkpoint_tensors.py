@@ -7,7 +7,7 @@ import pathlib
 
 import torch
 
-__all__ = ["checkpoint_tensors", "optimizer_snapshot"]
+__all__ = ["checkpoint_tensors", "named_chunk_params", "optimizer_snapshot"]
 
 
 def checkpoint_tensors(ckpt_dir: pathlib.Path, scratch: pathlib.Path) -> dict:

@@ -120,12 +120,13 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
             extra["moe_router_topk_scaling_factor"] = _topk_scaling_factor(args)
         if args.moe_shared_expert_gate:
             extra["moe_shared_expert_gate"] = True
-    if virtual_pipeline_size(args) is not None:
+    virtual = virtual_pipeline_size(args)
+    if virtual is not None:
         # Megatron-LM's default for the interleaved schedule (--overlap-p2p-communication,
         # batch_p2p_comm = not overlap_p2p_comm): unbatched sends and receives, which keep the
         # two directions apart at PP 2, where the next and the previous rank are the same.
         extra.update(
-            virtual_pipeline_model_parallel_size=virtual_pipeline_size(args),
+            virtual_pipeline_model_parallel_size=virtual,
             overlap_p2p_comm=True,
             batch_p2p_comm=False,
         )
